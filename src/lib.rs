@@ -1,0 +1,28 @@
+//! # inferq
+//!
+//! Asynchronous, queue-based batch inference: producers put jobs on Redis Streams,
+//! workers pull micro-batches, run ONNX Runtime, and write each result back to Redis.
+//!
+//! # Layout
+//!
+//! The data flow, front to back:
+//!
+//! ```text
+//! api (HTTP) ──► queue::submit ──► Redis stream inferq:{m}:jobs
+//!                                        │
+//!        worker: queue::reader ──► batcher ──► runtime (ORT threads) ──► queue::results
+//!                                        │
+//! api (poll / long-poll) ◄── job record inferq:{m}:job:<id> + done channel
+//! ```
+//!
+//! - [`protocol`]: wire formats (job entry fields, OIP v2 JSON, binary tensors, job records).
+//! - [`registry`]: the versioned model repository on disk.
+//! - [`runtime`]: ONNX Runtime sessions on owned threads; signature validation.
+//! - [`config`]: one `Config` from file, environment and flags, validated once.
+
+pub mod error;
+pub mod protocol;
+pub mod registry;
+pub mod runtime;
+
+pub use error::now_ms;

@@ -1,0 +1,195 @@
+//! Typed tensors: the one in-memory form every wire encoding decodes into and the
+//! runtime reads from, so no layer converts element types twice.
+
+use std::fmt;
+
+/// Element types inferq accepts on the wire, named as the Open Inference Protocol v2 names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DataType {
+    /// One byte per element on the binary wire (0 or 1).
+    Bool,
+    /// Signed 32-bit integer.
+    Int32,
+    /// Signed 64-bit integer (class labels of scikit-learn classifiers).
+    Int64,
+    /// IEEE 754 single precision (most models' inputs).
+    Fp32,
+    /// IEEE 754 double precision.
+    Fp64,
+}
+
+impl DataType {
+    /// Every supported type, for error messages and tests.
+    pub const ALL: [DataType; 5] = [
+        DataType::Bool,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Fp32,
+        DataType::Fp64,
+    ];
+
+    /// The OIP v2 spelling (`FP32`, `INT64` …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+        }
+    }
+
+    /// Parses the OIP v2 spelling; `None` for a type inferq does not serve.
+    pub fn parse(name: &str) -> Option<DataType> {
+        DataType::ALL.into_iter().find(|d| d.as_str() == name)
+    }
+
+    /// Bytes per element in the binary encoding.
+    pub fn size(self) -> usize {
+        match self {
+            DataType::Bool => 1,
+            DataType::Int32 | DataType::Fp32 => 4,
+            DataType::Int64 | DataType::Fp64 => 8,
+        }
+    }
+
+    /// Stable one-byte code of the binary encoding (docs/PROTOCOL.md).
+    pub fn code(self) -> u8 {
+        match self {
+            DataType::Bool => 1,
+            DataType::Int32 => 2,
+            DataType::Int64 => 3,
+            DataType::Fp32 => 4,
+            DataType::Fp64 => 5,
+        }
+    }
+
+    /// Inverse of [`DataType::code`].
+    pub fn from_code(code: u8) -> Option<DataType> {
+        DataType::ALL.into_iter().find(|d| d.code() == code)
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A tensor's elements, row-major, in their own type (no boxing per element).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    /// `BOOL` elements.
+    Bool(Vec<bool>),
+    /// `INT32` elements.
+    Int32(Vec<i32>),
+    /// `INT64` elements.
+    Int64(Vec<i64>),
+    /// `FP32` elements.
+    Fp32(Vec<f32>),
+    /// `FP64` elements.
+    Fp64(Vec<f64>),
+}
+
+/// Applies `$body` to the vector inside any [`TensorData`] variant.
+macro_rules! with_data {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            TensorData::Bool($v) => $body,
+            TensorData::Int32($v) => $body,
+            TensorData::Int64($v) => $body,
+            TensorData::Fp32($v) => $body,
+            TensorData::Fp64($v) => $body,
+        }
+    };
+}
+pub(crate) use with_data;
+
+impl TensorData {
+    /// The element type of this data.
+    pub fn datatype(&self) -> DataType {
+        match self {
+            TensorData::Bool(_) => DataType::Bool,
+            TensorData::Int32(_) => DataType::Int32,
+            TensorData::Int64(_) => DataType::Int64,
+            TensorData::Fp32(_) => DataType::Fp32,
+            TensorData::Fp64(_) => DataType::Fp64,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        with_data!(self, v => v.len())
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// An empty vector of `datatype` with room for `capacity` elements.
+    pub fn with_capacity(datatype: DataType, capacity: usize) -> TensorData {
+        match datatype {
+            DataType::Bool => TensorData::Bool(Vec::with_capacity(capacity)),
+            DataType::Int32 => TensorData::Int32(Vec::with_capacity(capacity)),
+            DataType::Int64 => TensorData::Int64(Vec::with_capacity(capacity)),
+            DataType::Fp32 => TensorData::Fp32(Vec::with_capacity(capacity)),
+            DataType::Fp64 => TensorData::Fp64(Vec::with_capacity(capacity)),
+        }
+    }
+
+    /// `count` zero elements of `datatype`: padding for models with a fixed batch size.
+    pub fn zeros(datatype: DataType, count: usize) -> TensorData {
+        match datatype {
+            DataType::Bool => TensorData::Bool(vec![false; count]),
+            DataType::Int32 => TensorData::Int32(vec![0; count]),
+            DataType::Int64 => TensorData::Int64(vec![0; count]),
+            DataType::Fp32 => TensorData::Fp32(vec![0.0; count]),
+            DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
+        }
+    }
+
+    /// Appends `other[range]`; both must hold the same type (checked by validation first).
+    pub fn extend_from(&mut self, other: &TensorData, range: std::ops::Range<usize>) -> bool {
+        match (self, other) {
+            (TensorData::Bool(a), TensorData::Bool(b)) => a.extend_from_slice(&b[range]),
+            (TensorData::Int32(a), TensorData::Int32(b)) => a.extend_from_slice(&b[range]),
+            (TensorData::Int64(a), TensorData::Int64(b)) => a.extend_from_slice(&b[range]),
+            (TensorData::Fp32(a), TensorData::Fp32(b)) => a.extend_from_slice(&b[range]),
+            (TensorData::Fp64(a), TensorData::Fp64(b)) => a.extend_from_slice(&b[range]),
+            _ => return false,
+        }
+        true
+    }
+
+    /// A copy of the elements in `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> TensorData {
+        let mut out = TensorData::with_capacity(self.datatype(), range.len());
+        out.extend_from(self, range);
+        out
+    }
+}
+
+/// A named tensor with its shape: one input or output of one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// The model input or output this tensor feeds or came from.
+    pub name: String,
+    /// Dimensions, outermost (the batch dimension) first.
+    pub shape: Vec<usize>,
+    /// Row-major elements; `shape` product equals `data.len()` once validated.
+    pub data: TensorData,
+}
+
+impl Tensor {
+    /// Rows in the batch dimension (1 for a scalar).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Elements per row.
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+}

@@ -1,0 +1,76 @@
+//! ONNX Runtime: the process-wide environment, sessions on threads the runtime owns,
+//! tensor conversion, warm-up, and validation against a model's signature.
+//!
+//! Nothing here touches async threads, Redis or job ids: a batch arrives as tensors
+//! grouped per job and leaves as tensors grouped per job.
+
+mod library;
+pub mod pool;
+pub mod session;
+pub mod signature;
+
+use std::sync::OnceLock;
+
+pub use library::locate;
+pub use pool::{InferPool, LoadedModel};
+pub use session::ModelSession;
+pub use signature::{InvalidInput, Signature, TensorSpec, ValidInputs};
+
+/// Runtime failures; every one names the model it concerns where there is one.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    /// The shared library is missing or did not load.
+    #[error("{0}")]
+    Library(String),
+    /// ORT refused the model file.
+    #[error("model {model}: ONNX Runtime cannot load it: {message}")]
+    Load {
+        /// `name@version` or a file name.
+        model: String,
+        /// ORT's message.
+        message: String,
+    },
+    /// ORT failed while running a batch.
+    #[error("model {model}: inference failed: {message}")]
+    Run {
+        /// `name@version`.
+        model: String,
+        /// ORT's message.
+        message: String,
+    },
+    /// The inference threads are gone (shutdown).
+    #[error("model {0}: inference threads stopped")]
+    Stopped(String),
+}
+
+static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// The process-wide ORT environment, loading the library on first use. Loading
+/// happens once per process; later calls return the same outcome.
+pub fn environment() -> Result<&'static ort::environment::Environment, RuntimeError> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let path = locate()?;
+            let builder = ort::init_from(&path)
+                .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
+            builder
+                .with_name("inferq")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", path.display()))
+        })
+        .as_ref()
+        .map_err(|e| RuntimeError::Library(e.clone()))
+}
+
+/// The loaded library's version string (for build info and `/v2`).
+pub fn version() -> String {
+    match environment() {
+        Ok(_) => ort::info()
+            .split(['=', ','])
+            .find_map(|w| w.trim().strip_prefix("rel-"))
+            .unwrap_or("unknown")
+            .to_owned(),
+        Err(_) => "unavailable".to_owned(),
+    }
+}

@@ -1,0 +1,311 @@
+//! One ORT session: build it from verified bytes, read its signature, warm it up, and
+//! run a batch made of several jobs' rows, splitting the outputs back per job.
+
+use std::borrow::Cow;
+
+use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
+
+use super::{RuntimeError, Signature, TensorSpec, environment};
+use crate::protocol::{DataType, Tensor, TensorData, tensor::with_data};
+
+/// A session plus what inferq needs to know about it. `run` takes `&mut self`
+/// (ORT rc.10+), so each inference thread owns its own.
+#[derive(Debug)]
+pub struct ModelSession {
+    session: Session,
+    signature: Signature,
+    label: String,
+}
+
+/// The outputs of one job, in the model's output order; or why it failed.
+pub type JobOutputs = Result<Vec<Tensor>, RuntimeError>;
+
+impl ModelSession {
+    /// Builds a session from model bytes (already hash-checked by the caller; ORT
+    /// never re-opens the file). `label` (`name@version`) goes into every error.
+    pub fn load(
+        bytes: &[u8],
+        label: &str,
+        intra_threads: usize,
+    ) -> Result<ModelSession, RuntimeError> {
+        let env = environment()?;
+        let load_err = |e: ort::Error| RuntimeError::Load {
+            model: label.to_owned(),
+            message: e.to_string(),
+        };
+        let session = Session::builder(env)
+            .map_err(load_err)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| load_err(e.into()))?
+            .with_intra_threads(intra_threads.max(1))
+            .map_err(|e| load_err(e.into()))?
+            .with_intra_op_spinning(false)
+            .map_err(|e| load_err(e.into()))?
+            .commit_from_memory(bytes)
+            .map_err(load_err)?;
+        let signature = Signature {
+            inputs: session
+                .inputs()
+                .iter()
+                .map(|o| spec(o.name(), o.dtype()))
+                .collect(),
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|o| spec(o.name(), o.dtype()))
+                .collect(),
+        };
+        Ok(ModelSession {
+            session,
+            signature,
+            label: label.to_owned(),
+        })
+    }
+
+    /// The signature ORT reads from the model.
+    pub fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    /// Runs one row of zeros through the model so the first real batch does not pay
+    /// for lazy initialisation. Models with inputs inferq cannot feed are skipped.
+    pub fn warm_up(&mut self) -> Result<(), RuntimeError> {
+        let mut inputs = Vec::new();
+        for s in &self.signature.inputs {
+            let Some(dt) = DataType::parse(&s.datatype) else {
+                return Ok(());
+            };
+            let shape: Vec<usize> = s
+                .shape
+                .iter()
+                .map(|&d| if d > 0 { d as usize } else { 1 })
+                .collect();
+            let n = shape.iter().product();
+            inputs.push(Tensor {
+                name: s.name.clone(),
+                shape,
+                data: TensorData::zeros(dt, n),
+            });
+        }
+        self.run_rows(&inputs).map(drop)
+    }
+
+    /// Runs several jobs' inputs (each validated, in signature order) as one batch and
+    /// returns each job's outputs, row order kept. When the batch fails, it is bisected
+    /// so only the job at fault fails.
+    pub fn run_jobs(&mut self, jobs: &[&[Tensor]]) -> Vec<JobOutputs> {
+        match jobs {
+            [] => Vec::new(),
+            [one] => vec![self.run_rows(one)],
+            _ => match self.run_rows(&concat(jobs)).map(|out| split(out, jobs)) {
+                Ok(Some(per_job)) => per_job.into_iter().map(Ok).collect(),
+                // An output without a batch dimension cannot be split: run jobs alone.
+                Ok(None) => jobs.iter().map(|j| self.run_rows(j)).collect(),
+                Err(_) => {
+                    let (a, b) = jobs.split_at(jobs.len() / 2);
+                    let mut out = self.run_jobs(a);
+                    out.extend(self.run_jobs(b));
+                    out
+                }
+            },
+        }
+    }
+
+    /// Runs tensors sharing a batch dimension; a model with a fixed batch size runs
+    /// them that many rows at a time, the last chunk padded with zeros and trimmed.
+    fn run_rows(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        let rows = inputs.first().map_or(0, Tensor::rows);
+        let Some(fixed) = self.signature.fixed_batch().filter(|&f| f != rows) else {
+            return self.run_once(inputs);
+        };
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let take = fixed.min(rows - start);
+            let chunk: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| {
+                    let w = t.row_len();
+                    let mut data = t.data.slice(start * w..(start + take) * w);
+                    data.extend_from(
+                        &TensorData::zeros(data.datatype(), (fixed - take) * w),
+                        0..(fixed - take) * w,
+                    );
+                    let mut shape = t.shape.clone();
+                    shape[0] = fixed;
+                    Tensor {
+                        name: t.name.clone(),
+                        shape,
+                        data,
+                    }
+                })
+                .collect();
+            let out = self.run_once(&chunk)?;
+            chunks.push(
+                out.into_iter()
+                    .map(|t| take_rows(t, take))
+                    .collect::<Vec<_>>(),
+            );
+            start += take;
+        }
+        let pieces: Vec<&[Tensor]> = chunks.iter().map(Vec::as_slice).collect();
+        Ok(concat(&pieces))
+    }
+
+    fn run_once(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        let run_err = |message: String| RuntimeError::Run {
+            model: self.label.clone(),
+            message,
+        };
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
+        for t in inputs {
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            let value: SessionInputValue<'_> = with_data!(&t.data, v => TensorRef::from_array_view((shape, v.as_slice()))
+                .map_err(|e| run_err(format!("input `{}`: {e}", t.name)))?
+                .into());
+            values.push((Cow::Borrowed(t.name.as_str()), value));
+        }
+        let label = self.label.clone();
+        let outputs = self.session.run(values).map_err(|e| RuntimeError::Run {
+            model: label.clone(),
+            message: e.to_string(),
+        })?;
+        let mut result = Vec::with_capacity(self.signature.outputs.len());
+        for (name, value) in outputs.iter() {
+            result.push(extract(name, &value).map_err(|m| RuntimeError::Run {
+                model: label.clone(),
+                message: m,
+            })?);
+        }
+        Ok(result)
+    }
+}
+
+fn spec(name: &str, dtype: &ValueType) -> TensorSpec {
+    match dtype {
+        ValueType::Tensor { ty, shape, .. } => TensorSpec {
+            name: name.to_owned(),
+            datatype: oip_type(*ty).map_or_else(
+                || format!("{ty:?}").to_uppercase(),
+                |d| d.as_str().to_owned(),
+            ),
+            shape: shape.iter().copied().collect(),
+        },
+        other => TensorSpec {
+            name: name.to_owned(),
+            datatype: format!("{other:?}").to_uppercase(),
+            shape: Vec::new(),
+        },
+    }
+}
+
+fn oip_type(ty: TensorElementType) -> Option<DataType> {
+    Some(match ty {
+        TensorElementType::Bool => DataType::Bool,
+        TensorElementType::Int32 => DataType::Int32,
+        TensorElementType::Int64 => DataType::Int64,
+        TensorElementType::Float32 => DataType::Fp32,
+        TensorElementType::Float64 => DataType::Fp64,
+        _ => return None,
+    })
+}
+
+fn extract(name: &str, value: &DynValue) -> Result<Tensor, String> {
+    let ty = match value.dtype() {
+        ValueType::Tensor { ty, .. } => oip_type(*ty),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        format!(
+            "output `{name}` has type {:?}, which inferq cannot return",
+            value.dtype()
+        )
+    })?;
+    let err = |e: ort::Error| format!("output `{name}`: {e}");
+    macro_rules! grab {
+        ($t:ty, $variant:ident) => {{
+            let (shape, data) = value.try_extract_tensor::<$t>().map_err(err)?;
+            (
+                shape.iter().map(|&d| d as usize).collect::<Vec<_>>(),
+                TensorData::$variant(data.to_vec()),
+            )
+        }};
+    }
+    let (shape, data) = match ty {
+        DataType::Bool => grab!(bool, Bool),
+        DataType::Int32 => grab!(i32, Int32),
+        DataType::Int64 => grab!(i64, Int64),
+        DataType::Fp32 => grab!(f32, Fp32),
+        DataType::Fp64 => grab!(f64, Fp64),
+    };
+    Ok(Tensor {
+        name: name.to_owned(),
+        shape,
+        data,
+    })
+}
+
+/// Stacks several jobs' tensors (same names, same order) along the batch dimension.
+fn concat(jobs: &[&[Tensor]]) -> Vec<Tensor> {
+    let first = jobs[0];
+    (0..first.len())
+        .map(|i| {
+            let rows: usize = jobs.iter().map(|j| j[i].rows()).sum();
+            let mut data =
+                TensorData::with_capacity(first[i].data.datatype(), rows * first[i].row_len());
+            for j in jobs {
+                data.extend_from(&j[i].data, 0..j[i].data.len());
+            }
+            let mut shape = first[i].shape.clone();
+            if let Some(d) = shape.first_mut() {
+                *d = rows;
+            }
+            Tensor {
+                name: first[i].name.clone(),
+                shape,
+                data,
+            }
+        })
+        .collect()
+}
+
+/// Splits batch outputs back to jobs by their row counts; `None` when an output has
+/// no batch dimension matching the total.
+fn split(outputs: Vec<Tensor>, jobs: &[&[Tensor]]) -> Option<Vec<Vec<Tensor>>> {
+    let rows: Vec<usize> = jobs.iter().map(|j| j[0].rows()).collect();
+    let total: usize = rows.iter().sum();
+    if outputs.iter().any(|o| o.shape.first() != Some(&total)) {
+        return None;
+    }
+    let mut per_job: Vec<Vec<Tensor>> = rows
+        .iter()
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
+    for o in outputs {
+        let w = o.row_len();
+        let mut start = 0;
+        for (job, &r) in per_job.iter_mut().zip(&rows) {
+            let mut shape = o.shape.clone();
+            shape[0] = r;
+            job.push(Tensor {
+                name: o.name.clone(),
+                shape,
+                data: o.data.slice(start * w..(start + r) * w),
+            });
+            start += r;
+        }
+    }
+    Some(per_job)
+}
+
+/// Keeps the first `rows` rows of an output (drops fixed-batch padding).
+fn take_rows(mut t: Tensor, rows: usize) -> Tensor {
+    if t.shape.first().is_some_and(|&d| d > rows) {
+        let w = t.row_len();
+        t.data = t.data.slice(0..rows * w);
+        t.shape[0] = rows;
+    }
+    t
+}
