@@ -18,11 +18,15 @@
 //! - [`protocol`]: wire formats (job entry fields, OIP v2 JSON, binary tensors, job records).
 //! - [`registry`]: the versioned model repository on disk.
 //! - [`runtime`]: ONNX Runtime sessions on owned threads; signature validation.
-//! - [`config`]: one `Config` from file, environment and flags, validated once.
+//! - [`config`]: one set of settings from file, environment and flags, validated once.
+//! - [`cli`]: the binary's roles and tools.
 
+pub mod cli;
+pub mod config;
 pub mod error;
 pub mod protocol;
 pub mod registry;
 pub mod runtime;
+pub mod telemetry;
 
 pub use error::now_ms;

@@ -1,0 +1,82 @@
+//! Command line: one binary, several roles. Parsing layers the config file under
+//! environment variables and flags; each role gets validated settings.
+
+mod models;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::config::{self, Settings};
+
+/// inferq: queue-based batch inference on Redis Streams and ONNX Runtime.
+#[derive(Parser, Debug)]
+#[command(name = "inferq", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// TOML file of settings (keys as in `--help`, e.g. `max_batch = 32`); environment
+    /// variables and flags override it.
+    #[arg(long, env = "INFERQ_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Settings shared by every role.
+    #[command(flatten)]
+    pub settings: Settings,
+
+    /// The role or tool to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Roles and tools.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The versioned model registry.
+    Models {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: models::ModelsCommand,
+    },
+}
+
+/// Parses the command line with the config file (from `--config` or `INFERQ_CONFIG`)
+/// as the lowest layer.
+pub fn parse() -> anyhow::Result<Cli> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut command = Cli::command();
+    if let Some(path) = config_path(&args) {
+        for (key, value) in config::read_file(&path).map_err(anyhow::Error::msg)? {
+            if !command.get_arguments().any(|a| a.get_id() == key.as_str()) || key == "config" {
+                bail!("config file {}: unknown setting `{key}`", path.display());
+            }
+            command = command.mut_arg(key, |a| a.default_value(value));
+        }
+    }
+    let matches = command.get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.settings
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid setting")?;
+    Ok(cli)
+}
+
+fn config_path(args: &[String]) -> Option<PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    std::env::var_os("INFERQ_CONFIG").map(PathBuf::from)
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Models { command } => models::run(&cli.settings, command),
+    }
+}

@@ -1,0 +1,410 @@
+//! One configuration for every role: a TOML file, then `INFERQ_*` environment
+//! variables, then flags, each overriding the one before. Validated once at start;
+//! roles receive typed parts of it and never re-read it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Every setting. Doc comments become `--help`; each has an `INFERQ_` variable.
+#[derive(Args, Clone)]
+pub struct Settings {
+    /// Model registry directory.
+    #[arg(long, env = "INFERQ_MODELS", default_value = "./models", global = true)]
+    pub models: PathBuf,
+
+    /// Redis: redis://, rediss:// or redis+unix:// URL; a comma-separated list of node
+    /// URLs means Redis Cluster. Unset: `serve` starts a private redis-server;
+    /// `gateway` and `worker` refuse to start.
+    #[arg(long, env = "INFERQ_REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+
+    /// Address of the HTTP front door.
+    #[arg(
+        long,
+        env = "INFERQ_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Address for /metrics and the health routes (every role has one).
+    #[arg(
+        long,
+        env = "INFERQ_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464",
+        global = true
+    )]
+    pub metrics_listen: SocketAddr,
+
+    /// Models a worker serves (comma-separated); empty means every model in the registry.
+    #[arg(
+        long,
+        env = "INFERQ_SERVE_MODELS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub serve_models: Vec<String>,
+
+    /// Rows per batch (a model's manifest may override it).
+    #[arg(long, env = "INFERQ_MAX_BATCH", default_value_t = 64, global = true)]
+    pub max_batch: usize,
+
+    /// Extra wait in ms for more rows when a batch is not full (0: never wait).
+    #[arg(long, env = "INFERQ_MAX_WAIT_MS", default_value_t = 0, global = true)]
+    pub max_wait_ms: u64,
+
+    /// Inference threads per model, each with its own ONNX Runtime session.
+    #[arg(long, env = "INFERQ_INFER_THREADS", default_value_t = 1, global = true)]
+    pub infer_threads: usize,
+
+    /// ONNX Runtime intra-op threads per session.
+    #[arg(long, env = "INFERQ_INTRA_THREADS", default_value_t = 1, global = true)]
+    pub intra_threads: usize,
+
+    /// Seconds a terminal job record (and its reply list) stays readable.
+    #[arg(
+        long,
+        env = "INFERQ_RESULT_TTL_S",
+        default_value_t = 3600,
+        global = true
+    )]
+    pub result_ttl_s: u64,
+
+    /// A delivered job idle this long (ms) is reclaimed by another worker.
+    #[arg(
+        long,
+        env = "INFERQ_CLAIM_AFTER_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pub claim_after_ms: u64,
+
+    /// Deliveries before a job is dead-lettered.
+    #[arg(long, env = "INFERQ_MAX_ATTEMPTS", default_value_t = 3, global = true)]
+    pub max_attempts: u32,
+
+    /// Backlog per model above which submits get 429.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_QUEUE",
+        default_value_t = 100_000,
+        global = true
+    )]
+    pub max_queue: u64,
+
+    /// How long (ms) a synchronous infer waits before answering 202.
+    #[arg(
+        long,
+        env = "INFERQ_SYNC_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pub sync_timeout_ms: u64,
+
+    /// How long (ms) shutdown waits for in-flight batches and requests.
+    #[arg(
+        long,
+        env = "INFERQ_DRAIN_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pub drain_timeout_ms: u64,
+
+    /// This worker's consumer name in the group (default: host name and pid).
+    #[arg(long, env = "INFERQ_CONSUMER", global = true)]
+    pub consumer: Option<String>,
+
+    /// API keys (comma-separated); when set, every route but health needs
+    /// `Authorization: Bearer <key>`.
+    #[arg(long, env = "INFERQ_API_KEYS", value_delimiter = ',', global = true)]
+    pub api_keys: Vec<String>,
+
+    /// Largest request body in bytes.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_BODY_BYTES",
+        default_value_t = 6_553_500,
+        global = true
+    )]
+    pub max_body_bytes: usize,
+
+    /// Largest tensor per job, in elements.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_ELEMENTS",
+        default_value_t = 4_000_000,
+        global = true
+    )]
+    pub max_elements: usize,
+
+    /// Cap on a long-poll's `?wait=` in seconds.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_POLL_WAIT_S",
+        default_value_t = 60,
+        global = true
+    )]
+    pub max_poll_wait_s: u64,
+
+    /// Allowed CORS origin (`*` for any); unset means no CORS headers.
+    #[arg(long, env = "INFERQ_CORS_ORIGIN", global = true)]
+    pub cors_origin: Option<String>,
+
+    /// Seconds a dead-lettered entry (which holds the job's inputs) is kept.
+    #[arg(long, env = "INFERQ_DLQ_RETENTION_S", default_value_t = 7 * 24 * 3600, global = true)]
+    pub dlq_retention_s: u64,
+
+    /// Data directory of the embedded redis-server that `serve` starts.
+    #[arg(
+        long,
+        env = "INFERQ_DATA_DIR",
+        default_value = "./.data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "INFERQ_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+}
+
+/// What a worker needs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Models to serve; empty = all.
+    pub models: Vec<String>,
+    /// Consumer name.
+    pub consumer: String,
+    /// Default batching.
+    pub batch: BatchConfig,
+    /// Inference threads per model.
+    pub infer_threads: usize,
+    /// ORT intra-op threads per session.
+    pub intra_threads: usize,
+    /// Queue behaviour.
+    pub queue: QueueConfig,
+    /// Shutdown deadline.
+    pub drain_timeout: Duration,
+}
+
+/// Batch forming policy for one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Rows per batch.
+    pub max_batch: usize,
+    /// Extra wait for more rows.
+    pub max_wait: Duration,
+}
+
+/// Queue behaviour shared by gateway and worker.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// TTL of terminal records.
+    pub result_ttl_s: u64,
+    /// Idle time before reclaim.
+    pub claim_after: Duration,
+    /// Deliveries before dead-lettering.
+    pub max_attempts: u32,
+    /// Backlog cap per model.
+    pub max_queue: u64,
+    /// Per-job element cap.
+    pub max_elements: usize,
+    /// Dead-letter retention.
+    pub dlq_retention_s: u64,
+}
+
+impl Settings {
+    /// Checks every setting once, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |v: u64, name: &str| {
+            if v == 0 {
+                Err(format!("{name} must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        positive(self.max_batch as u64, "INFERQ_MAX_BATCH")?;
+        positive(self.infer_threads as u64, "INFERQ_INFER_THREADS")?;
+        positive(self.intra_threads as u64, "INFERQ_INTRA_THREADS")?;
+        positive(self.result_ttl_s, "INFERQ_RESULT_TTL_S")?;
+        positive(self.claim_after_ms, "INFERQ_CLAIM_AFTER_MS")?;
+        positive(u64::from(self.max_attempts), "INFERQ_MAX_ATTEMPTS")?;
+        positive(self.max_queue, "INFERQ_MAX_QUEUE")?;
+        positive(self.max_body_bytes as u64, "INFERQ_MAX_BODY_BYTES")?;
+        positive(self.max_elements as u64, "INFERQ_MAX_ELEMENTS")?;
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "INFERQ_LOG_FORMAT must be `text` or `json`, not `{}`",
+                self.log_format
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            for u in url.split(',') {
+                let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+                    .iter()
+                    .any(|s| u.trim().starts_with(s));
+                if !scheme_ok {
+                    return Err(format!(
+                        "INFERQ_REDIS_URL: `{}` must start with redis://, rediss:// or redis+unix://",
+                        redact_url(u)
+                    ));
+                }
+            }
+        }
+        for m in &self.serve_models {
+            if !crate::registry::valid_name(m) {
+                return Err(format!(
+                    "INFERQ_SERVE_MODELS: `{m}` is not a valid model name"
+                ));
+            }
+        }
+        if self.api_keys.iter().any(|k| k.len() < 8) {
+            return Err("INFERQ_API_KEYS: every key must be at least 8 characters".into());
+        }
+        Ok(())
+    }
+
+    /// The worker's part.
+    pub fn worker(&self) -> WorkerConfig {
+        WorkerConfig {
+            models: self.serve_models.clone(),
+            consumer: self.consumer.clone().unwrap_or_else(default_consumer),
+            batch: BatchConfig {
+                max_batch: self.max_batch,
+                max_wait: Duration::from_millis(self.max_wait_ms),
+            },
+            infer_threads: self.infer_threads,
+            intra_threads: self.intra_threads,
+            queue: self.queue(),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+        }
+    }
+
+    /// The queue part.
+    pub fn queue(&self) -> QueueConfig {
+        QueueConfig {
+            result_ttl_s: self.result_ttl_s,
+            claim_after: Duration::from_millis(self.claim_after_ms),
+            max_attempts: self.max_attempts,
+            max_queue: self.max_queue,
+            max_elements: self.max_elements,
+            dlq_retention_s: self.dlq_retention_s,
+        }
+    }
+}
+
+/// `host-pid`: unique per process, stable for a process's life.
+pub fn default_consumer() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A URL with its password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Debug for Settings {
+    /// The effective settings with secrets redacted, as each role logs them at start.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("models", &self.models)
+            .field(
+                "redis_url",
+                &self
+                    .redis_url
+                    .as_deref()
+                    .map(|u| u.split(',').map(redact_url).collect::<Vec<_>>().join(",")),
+            )
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("serve_models", &self.serve_models)
+            .field("max_batch", &self.max_batch)
+            .field("max_wait_ms", &self.max_wait_ms)
+            .field("infer_threads", &self.infer_threads)
+            .field("intra_threads", &self.intra_threads)
+            .field("result_ttl_s", &self.result_ttl_s)
+            .field("claim_after_ms", &self.claim_after_ms)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_queue", &self.max_queue)
+            .field("sync_timeout_ms", &self.sync_timeout_ms)
+            .field("drain_timeout_ms", &self.drain_timeout_ms)
+            .field("consumer", &self.consumer)
+            .field(
+                "api_keys",
+                &format_args!("[{} redacted]", self.api_keys.len()),
+            )
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_elements", &self.max_elements)
+            .field("max_poll_wait_s", &self.max_poll_wait_s)
+            .field("cors_origin", &self.cors_origin)
+            .field("dlq_retention_s", &self.dlq_retention_s)
+            .field("data_dir", &self.data_dir)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// Reads a TOML config file into `(setting, value)` pairs; keys are setting names
+/// (`max_batch`, `redis_url` …). They become defaults that env and flags override.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    table
+        .into_iter()
+        .map(|(k, v)| {
+            let value = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => {
+                    return Err(format!(
+                        "config file {}: `{k}` has unsupported value {other}",
+                        path.display()
+                    ));
+                }
+            };
+            Ok((k.replace('-', "_"), value))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:secret@h:6379/0"),
+            "redis://user:***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://:secret@h"), "redis://:***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
+}
