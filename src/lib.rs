@@ -21,12 +21,17 @@
 //! - [`config`]: one set of settings from file, environment and flags, validated once.
 //! - [`cli`]: the binary's roles and tools.
 
+pub mod batcher;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod protocol;
+pub mod queue;
 pub mod registry;
 pub mod runtime;
+pub mod shutdown;
 pub mod telemetry;
+pub mod worker;
 
 pub use error::now_ms;

@@ -1,7 +1,9 @@
 //! Command line: one binary, several roles. Parsing layers the config file under
 //! environment variables and flags; each role gets validated settings.
 
+mod dlq;
 mod models;
+mod roles;
 
 use std::path::PathBuf;
 
@@ -36,6 +38,14 @@ pub enum Command {
         /// What to do with it.
         #[command(subcommand)]
         command: models::ModelsCommand,
+    },
+    /// Consume model streams: micro-batch, run ONNX Runtime, write results.
+    Worker,
+    /// Inspect and re-drive dead-lettered jobs.
+    Dlq {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
     },
 }
 
@@ -78,5 +88,7 @@ fn config_path(args: &[String]) -> Option<PathBuf> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Models { command } => models::run(&cli.settings, command),
+        Command::Worker => roles::worker(&cli.settings),
+        Command::Dlq { command } => dlq::run(&cli.settings, command),
     }
 }

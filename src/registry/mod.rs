@@ -146,7 +146,16 @@ impl Registry {
         if !valid_name(name) {
             return Err(RegistryError::InvalidName(name.to_owned()));
         }
-        Ok(self.root.join(name))
+        let dir = self.root.join(name);
+        // Every operation starts here: refuse a symlinked model directory before
+        // anything is read, written or deleted through it (rm would delete elsewhere).
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(RegistryError::Refused(format!(
+                "{} is a symlink; the registry refuses symlinks",
+                dir.display()
+            )));
+        }
+        Ok(dir)
     }
 
     /// Fails unless `path` is a real directory or file (not a symlink) under the root.

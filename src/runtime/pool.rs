@@ -36,6 +36,7 @@ impl LoadedModel {
 struct Work {
     model: Arc<LoadedModel>,
     jobs: Vec<Vec<Tensor>>,
+    max_rows: Option<usize>,
     reply: oneshot::Sender<Vec<JobOutputs>>,
 }
 
@@ -60,8 +61,24 @@ impl Slot<'_> {
         model: Arc<LoadedModel>,
         jobs: Vec<Vec<Tensor>>,
     ) -> oneshot::Receiver<Vec<JobOutputs>> {
+        self.send_capped(model, jobs, None)
+    }
+
+    /// Like [`Slot::send`], with ORT calls capped at `max_rows` rows (a larger job is
+    /// run in chunks and reassembled).
+    pub fn send_capped(
+        self,
+        model: Arc<LoadedModel>,
+        jobs: Vec<Vec<Tensor>>,
+        max_rows: Option<usize>,
+    ) -> oneshot::Receiver<Vec<JobOutputs>> {
         let (reply, rx) = oneshot::channel();
-        self.permit.send(Work { model, jobs, reply });
+        self.permit.send(Work {
+            model,
+            jobs,
+            max_rows,
+            reply,
+        });
         rx
     }
 }
@@ -116,11 +133,18 @@ fn thread_main(rx: &Mutex<mpsc::Receiver<Work>>, intra_threads: usize) {
             let Ok(mut guard) = rx.lock() else { return };
             guard.blocking_recv()
         };
-        let Some(Work { model, jobs, reply }) = work else {
+        let Some(Work {
+            model,
+            jobs,
+            max_rows,
+            reply,
+        }) = work
+        else {
             return;
         };
         let outputs = match session_for(&mut sessions, &model, intra_threads) {
             Ok(session) => {
+                session.set_max_rows(max_rows);
                 let refs: Vec<&[Tensor]> = jobs.iter().map(Vec::as_slice).collect();
                 session.run_jobs(&refs)
             }

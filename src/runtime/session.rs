@@ -16,6 +16,7 @@ pub struct ModelSession {
     session: Session,
     signature: Signature,
     label: String,
+    max_rows: Option<usize>,
 }
 
 /// The outputs of one job, in the model's output order; or why it failed.
@@ -60,7 +61,14 @@ impl ModelSession {
             session,
             signature,
             label: label.to_owned(),
+            max_rows: None,
         })
+    }
+
+    /// Caps the rows of one ORT call: a job larger than this runs in chunks whose
+    /// outputs are reassembled in order (`None`: no cap).
+    pub fn set_max_rows(&mut self, max_rows: Option<usize>) {
+        self.max_rows = max_rows.filter(|&n| n > 0);
     }
 
     /// The signature ORT reads from the model.
@@ -112,12 +120,15 @@ impl ModelSession {
         }
     }
 
-    /// Runs tensors sharing a batch dimension; a model with a fixed batch size runs
-    /// them that many rows at a time, the last chunk padded with zeros and trimmed.
+    /// Runs tensors sharing a batch dimension. A model with a fixed batch size runs
+    /// them that many rows at a time, the last chunk padded with zeros and trimmed;
+    /// rows beyond `max_rows` run in chunks of `max_rows`.
     fn run_rows(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
         let rows = inputs.first().map_or(0, Tensor::rows);
-        let Some(fixed) = self.signature.fixed_batch().filter(|&f| f != rows) else {
-            return self.run_once(inputs);
+        let (fixed, pad) = match (self.signature.fixed_batch(), self.max_rows) {
+            (Some(f), _) if f != rows => (f, true),
+            (None, Some(m)) if rows > m => (m, false),
+            _ => return self.run_once(inputs),
         };
         let mut chunks = Vec::new();
         let mut start = 0;
@@ -128,12 +139,11 @@ impl ModelSession {
                 .map(|t| {
                     let w = t.row_len();
                     let mut data = t.data.slice(start * w..(start + take) * w);
-                    data.extend_from(
-                        &TensorData::zeros(data.datatype(), (fixed - take) * w),
-                        0..(fixed - take) * w,
-                    );
+                    let padding = if pad { fixed - take } else { 0 };
+                    let zeros = TensorData::zeros(data.datatype(), padding * w);
+                    data.extend_from(&zeros, 0..padding * w);
                     let mut shape = t.shape.clone();
-                    shape[0] = fixed;
+                    shape[0] = take + padding;
                     Tensor {
                         name: t.name.clone(),
                         shape,

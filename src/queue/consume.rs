@@ -1,0 +1,377 @@
+//! The worker's side of the stream: the group, reads (own pending first, then new),
+//! running marks, and terminal writes.
+
+use std::collections::HashMap;
+
+use redis::Value;
+
+use super::script::scripts;
+use super::{Conn, GROUP, Keys, QueueError, int, text};
+
+/// One delivered stream entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The stream entry id (`ms-seq`).
+    pub entry_id: String,
+    /// Its fields; `None` when the entry was trimmed away while pending.
+    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// How many times it has been delivered, this time included.
+    pub deliveries: u32,
+}
+
+impl Delivery {
+    /// Unix ms at which the entry was added (its id's first part).
+    pub fn enqueued_ms(&self) -> u64 {
+        self.entry_id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Creates the consumer group at the start of the stream (and the stream), so jobs
+/// added before any worker existed are served. An existing group is fine.
+pub async fn ensure_group(conn: &mut Conn, keys: &Keys) -> Result<(), QueueError> {
+    let r: Result<Value, _> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys.jobs())
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(QueueError::redis("create the consumer group")(e)),
+    }
+}
+
+/// Reads up to `count` new entries (`>`), blocking up to `block_ms` when there are
+/// none (`None`: do not block).
+pub async fn read_new(
+    conn: &mut Conn,
+    keys: &Keys,
+    consumer: &str,
+    count: usize,
+    block_ms: Option<u64>,
+) -> Result<Vec<Delivery>, QueueError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count.max(1));
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms);
+    }
+    cmd.arg("STREAMS").arg(keys.jobs()).arg(">");
+    let reply: Value = cmd
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("read new jobs"))?;
+    let mut out = parse_read(&reply)?;
+    out.iter_mut().for_each(|d| d.deliveries = 1);
+    Ok(out)
+}
+
+/// Reads this consumer's own pending entries after `after` (`0` first), with their
+/// delivery counts: what a restarted worker must finish before taking new work.
+pub async fn read_own_pending(
+    conn: &mut Conn,
+    keys: &Keys,
+    consumer: &str,
+    after: &str,
+    count: usize,
+) -> Result<Vec<Delivery>, QueueError> {
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count.max(1))
+        .arg("STREAMS")
+        .arg(keys.jobs())
+        .arg(after)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("read own pending jobs"))?;
+    let mut out = parse_read(&reply)?;
+    fill_deliveries(conn, keys, Some(consumer), &mut out).await?;
+    Ok(out)
+}
+
+/// Sets each delivery's count from `XPENDING` over the range the deliveries span.
+pub(crate) async fn fill_deliveries(
+    conn: &mut Conn,
+    keys: &Keys,
+    consumer: Option<&str>,
+    out: &mut [Delivery],
+) -> Result<(), QueueError> {
+    let (Some(first), Some(last)) = (out.first(), out.last()) else {
+        return Ok(());
+    };
+    let mut cmd = redis::cmd("XPENDING");
+    cmd.arg(keys.jobs())
+        .arg(GROUP)
+        .arg(&first.entry_id)
+        .arg(&last.entry_id)
+        .arg(out.len());
+    if let Some(c) = consumer {
+        cmd.arg(c);
+    }
+    let reply: Value = cmd
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("read delivery counts"))?;
+    let Value::Array(rows) = reply else {
+        return Err(QueueError::Protocol("read delivery counts"));
+    };
+    let counts: HashMap<String, u32> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Value::Array(f) if f.len() >= 4 => Some((text(&f[0])?, int(&f[3])? as u32)),
+            _ => None,
+        })
+        .collect();
+    for d in out {
+        d.deliveries = counts.get(&d.entry_id).copied().unwrap_or(1).max(1);
+    }
+    Ok(())
+}
+
+/// Parses an XREADGROUP reply: `nil`, or `[[stream, [[id, [f, v, …] | nil], …]]]`
+/// (RESP3 maps accepted too).
+pub(crate) fn parse_read(reply: &Value) -> Result<Vec<Delivery>, QueueError> {
+    let streams: Vec<&Value> = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(s) => s
+            .iter()
+            .map(|pair| match pair {
+                Value::Array(kv) if kv.len() == 2 => &kv[1],
+                other => other,
+            })
+            .collect(),
+        Value::Map(m) => m.iter().map(|(_, v)| v).collect(),
+        _ => return Err(QueueError::Protocol("read jobs")),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Value::Array(entries) = entries else {
+            return Err(QueueError::Protocol("read jobs"));
+        };
+        for e in entries {
+            out.push(parse_entry(e).ok_or(QueueError::Protocol("read jobs"))?);
+        }
+    }
+    Ok(out)
+}
+
+/// One `[id, [f, v, …] | nil]` entry.
+pub(crate) fn parse_entry(e: &Value) -> Option<Delivery> {
+    let Value::Array(parts) = e else { return None };
+    let entry_id = text(parts.first()?)?;
+    let fields = match parts.get(1) {
+        None | Some(Value::Nil) => None,
+        Some(Value::Array(flat)) => Some(
+            flat.chunks_exact(2)
+                .filter_map(|kv| match (&kv[0], &kv[1]) {
+                    (Value::BulkString(k), Value::BulkString(v)) => Some((k.clone(), v.clone())),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Some(Value::Map(m)) => Some(
+            m.iter()
+                .filter_map(|(k, v)| match (k, v) {
+                    (Value::BulkString(k), Value::BulkString(v)) => Some((k.clone(), v.clone())),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Some(_) => return None,
+    };
+    Some(Delivery {
+        entry_id,
+        fields,
+        deliveries: 1,
+    })
+}
+
+/// A job taken into a batch, for the running mark.
+#[derive(Debug, Clone)]
+pub struct Started<'a> {
+    /// Stream entry id.
+    pub entry_id: &'a str,
+    /// Job id.
+    pub job_id: &'a str,
+    /// Version that will run it.
+    pub version: u64,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// Reply list, if any (already checked).
+    pub reply_to: Option<&'a str>,
+}
+
+/// Marks a batch's jobs running (never a terminal one) and indexes their entry ids.
+/// One round trip; callers usually spawn it and move on.
+pub async fn mark_running(
+    conn: &mut Conn,
+    keys: &Keys,
+    started_ms: u64,
+    jobs: &[Started<'_>],
+) -> Result<(), QueueError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let records: Vec<String> = jobs.iter().map(|j| keys.job(j.job_id)).collect();
+    let mut key_refs: Vec<&str> = vec![keys.inflight()];
+    key_refs.extend(records.iter().map(String::as_str));
+    let started = started_ms.to_string();
+    let nums: Vec<(String, String)> = jobs
+        .iter()
+        .map(|j| (j.version.to_string(), j.attempts.to_string()))
+        .collect();
+    let mut args: Vec<&[u8]> = vec![started.as_bytes(), keys.model().as_bytes()];
+    for (j, (v, a)) in jobs.iter().zip(&nums) {
+        args.extend([
+            j.entry_id.as_bytes(),
+            j.job_id.as_bytes(),
+            v.as_bytes(),
+            a.as_bytes(),
+            j.reply_to.unwrap_or("").as_bytes(),
+        ]);
+    }
+    scripts()
+        .running
+        .run(conn, &key_refs, &args, "mark jobs running")
+        .await
+        .map(drop)
+}
+
+/// A terminal result ready to write.
+#[derive(Debug, Clone, Default)]
+pub struct Terminal {
+    /// Stream entry id to acknowledge.
+    pub entry_id: String,
+    /// Job id (`None` for an entry without a valid id: it is only dead-lettered and acked).
+    pub job_id: Option<String>,
+    /// Reply list (already checked against the model's prefix).
+    pub reply_to: Option<String>,
+    /// The record as JSON, pushed to `reply_to`.
+    pub record_json: String,
+    /// Record hash fields to set.
+    pub fields: Vec<(&'static str, String)>,
+    /// Dead-letter entry fields, when the job used up its attempts or cannot be parsed.
+    pub dead_letter: Vec<(String, Vec<u8>)>,
+}
+
+/// Writes a batch of terminal results, first writer wins, and acknowledges every
+/// entry; returns, per result, whether this call turned the job terminal (false: it
+/// already was, a duplicate delivery). Safe to call again with the same results.
+pub async fn finish(
+    conn: &mut Conn,
+    keys: &Keys,
+    ttl_s: u64,
+    dlq_min_id: &str,
+    results: &[Terminal],
+) -> Result<Vec<bool>, QueueError> {
+    if results.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut owned_keys: Vec<String> = Vec::with_capacity(results.len() * 2);
+    let mut counts: Vec<(String, String)> = Vec::with_capacity(results.len());
+    for r in results {
+        // An id-less entry has no record: a throwaway key in the slot stands in for it.
+        let rec = keys.job(r.job_id.as_deref().unwrap_or("-"));
+        let reply = r.reply_to.clone().unwrap_or_else(|| rec.clone());
+        owned_keys.push(rec);
+        owned_keys.push(reply);
+        counts.push((r.fields.len().to_string(), r.dead_letter.len().to_string()));
+    }
+    let mut key_refs: Vec<&str> = vec![keys.jobs(), keys.dlq(), keys.inflight()];
+    key_refs.extend(owned_keys.iter().map(String::as_str));
+    let ttl = ttl_s.to_string();
+    let mut args: Vec<&[u8]> = vec![
+        super::GROUP.as_bytes(),
+        ttl.as_bytes(),
+        keys.done().as_bytes(),
+        dlq_min_id.as_bytes(),
+    ];
+    for (r, (n, d)) in results.iter().zip(&counts) {
+        args.push(r.entry_id.as_bytes());
+        args.push(r.job_id.as_deref().unwrap_or("").as_bytes());
+        args.push(if r.reply_to.is_some() && r.job_id.is_some() {
+            b"1"
+        } else {
+            b"0"
+        });
+        args.push(r.record_json.as_bytes());
+        args.push(n.as_bytes());
+        for (f, v) in &r.fields {
+            args.push(f.as_bytes());
+            args.push(v.as_bytes());
+        }
+        args.push(d.as_bytes());
+        for (f, v) in &r.dead_letter {
+            args.push(f.as_bytes());
+            args.push(v);
+        }
+    }
+    let v = scripts()
+        .finish
+        .run(conn, &key_refs, &args, "write results")
+        .await?;
+    match v {
+        Value::Array(flags) if flags.len() == results.len() => {
+            Ok(flags.iter().map(|f| int(f) == Some(1)).collect())
+        }
+        _ => Err(QueueError::Protocol("write results")),
+    }
+}
+
+/// Notes a retryable failure on the record, so a later dead-letter can say why.
+pub async fn note_retryable(
+    conn: &mut Conn,
+    keys: &Keys,
+    job_id: &str,
+    error: &str,
+) -> Result<(), QueueError> {
+    redis::cmd("HSET")
+        .arg(keys.job(job_id))
+        .arg(crate::protocol::job::field::LAST_ERROR)
+        .arg(error)
+        .query_async::<Value>(conn)
+        .await
+        .map(drop)
+        .map_err(QueueError::redis("note a retryable error"))
+}
+
+/// The last retryable error noted on a record, for a dead-letter reason.
+pub async fn last_error(
+    conn: &mut Conn,
+    keys: &Keys,
+    job_id: &str,
+) -> Result<Option<String>, QueueError> {
+    redis::cmd("HGET")
+        .arg(keys.job(job_id))
+        .arg(crate::protocol::job::field::LAST_ERROR)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("read the last error"))
+}
+
+/// The job id of a pending entry that vanished from the stream, from the inflight index.
+pub async fn inflight_job(
+    conn: &mut Conn,
+    keys: &Keys,
+    entry_id: &str,
+) -> Result<Option<String>, QueueError> {
+    redis::cmd("HGET")
+        .arg(keys.inflight())
+        .arg(entry_id)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("look up a lost entry"))
+}

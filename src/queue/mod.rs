@@ -1,0 +1,89 @@
+//! Redis Streams: every key and command of the protocol (docs/PROTOCOL.md).
+//!
+//! - [`submit`]: the gateway's side: enqueue atomically, read records, cancel.
+//! - [`consume`]: the worker's side: group, reads, running marks, terminal writes.
+//! - [`janitor`]: reclaiming idle entries, safe trimming, stale consumers.
+//! - [`dlq`]: the dead-letter stream's operations.
+//! - [`notify`]: one subscription per process fanning completions out to waiters.
+//!
+//! Nothing here knows tensors, ONNX Runtime or HTTP status codes.
+
+pub mod conn;
+pub mod consume;
+pub mod dlq;
+pub mod janitor;
+pub mod keys;
+pub mod notify;
+mod script;
+pub mod submit;
+
+pub use conn::{Conn, RedisTarget};
+pub use keys::{GROUP, Keys};
+
+use crate::error::Retry;
+
+/// Queue failures; `Redis` names the action that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// A Redis command failed (connection, timeout, server error).
+    #[error("redis: {action}: {source}")]
+    Redis {
+        /// What inferq was doing.
+        action: &'static str,
+        /// The client's error.
+        source: redis::RedisError,
+    },
+    /// Redis refused a write because it is out of memory.
+    #[error("redis is out of memory (maxmemory reached): {0}")]
+    OutOfMemory(String),
+    /// A wrong setting.
+    #[error("{0}")]
+    Config(String),
+    /// Redis answered something the protocol does not allow.
+    #[error("unexpected reply from redis while trying to {0}")]
+    Protocol(&'static str),
+}
+
+impl QueueError {
+    /// Wraps a redis error with the action it interrupted; OOM becomes its own variant.
+    pub fn redis(action: &'static str) -> impl Fn(redis::RedisError) -> QueueError {
+        move |source| {
+            if source.code() == Some("OOM") {
+                QueueError::OutOfMemory(source.to_string())
+            } else {
+                QueueError::Redis { action, source }
+            }
+        }
+    }
+
+    /// Redis errors are worth retrying; a wrong setting is not.
+    pub fn retry(&self) -> Retry {
+        match self {
+            QueueError::Redis { .. } | QueueError::OutOfMemory(_) => Retry::Retryable,
+            QueueError::Config(_) | QueueError::Protocol(_) => Retry::Terminal,
+        }
+    }
+
+    /// True when the stream or its group vanished (Redis restarted without persistence).
+    pub fn is_nogroup(&self) -> bool {
+        matches!(self, QueueError::Redis { source, .. } if source.code() == Some("NOGROUP"))
+    }
+}
+
+/// Bytes of a Redis bulk reply as text (lossy for non-UTF-8).
+fn text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// The integer in a reply (also accepting a numeric string).
+fn int(v: &redis::Value) -> Option<i64> {
+    match v {
+        redis::Value::Int(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}

@@ -1,0 +1,129 @@
+//! Completion fan-out: one pattern subscription per process to every model's `done`
+//! channel, waking the in-process waiters of the job ids published. 1,000 long-polls
+//! cost one Redis connection, not 1,000.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::RedisTarget;
+use super::keys::{DONE_PATTERN, model_of_done_channel};
+
+type Waiters = HashMap<(String, String), watch::Sender<bool>>;
+
+/// Registry of waiters keyed by (model, job id); clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct Notifier {
+    waiters: Arc<Mutex<Waiters>>,
+    /// Bumped on every (re)subscription: a waiter re-checks after a reconnect, since
+    /// completions published while disconnected were missed.
+    epoch: Arc<watch::Sender<u64>>,
+}
+
+/// A registered interest in one job; deregisters on drop.
+#[derive(Debug)]
+pub struct Waiter {
+    key: (String, String),
+    rx: watch::Receiver<bool>,
+    epoch: watch::Receiver<u64>,
+    waiters: Arc<Mutex<Waiters>>,
+}
+
+impl Waiter {
+    /// Resolves when the job is announced done or the subscription was re-established
+    /// (either way: re-read the record).
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            _ = self.rx.changed() => {}
+            _ = self.epoch.changed() => {}
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.waiters.lock() {
+            if w.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1) {
+                w.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Notifier {
+    /// Registers interest in a job. Register *before* checking the record, so a
+    /// completion between the check and the wait is never missed.
+    pub fn register(&self, model: &str, id: &str) -> Waiter {
+        let key = (model.to_owned(), id.to_owned());
+        let mut w = self
+            .waiters
+            .lock()
+            .expect("notifier lock poisoned, this is a bug");
+        let rx = w
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
+        Waiter {
+            key,
+            rx,
+            epoch: self.epoch.subscribe(),
+            waiters: Arc::clone(&self.waiters),
+        }
+    }
+
+    /// Number of jobs with waiters (for tests and stats).
+    pub fn waiting(&self) -> usize {
+        self.waiters.lock().map(|w| w.len()).unwrap_or(0)
+    }
+
+    fn announce(&self, model: &str, id: &str) {
+        if let Ok(w) = self.waiters.lock() {
+            if let Some(tx) = w.get(&(model.to_owned(), id.to_owned())) {
+                let _ = tx.send(true);
+            }
+        }
+    }
+
+    /// Subscribes and dispatches until `stop`; reconnects with capped backoff.
+    pub async fn run(self, target: RedisTarget, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(50);
+        while !stop.is_cancelled() {
+            match target.pubsub().await {
+                Ok(mut pubsub) => {
+                    if let Err(e) = pubsub.psubscribe(DONE_PATTERN).await {
+                        tracing::warn!(error = %e, "cannot subscribe to completions; retrying");
+                    } else {
+                        backoff = Duration::from_millis(50);
+                        self.epoch.send_modify(|e| *e += 1);
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                m = messages.next() => match m {
+                                    Some(msg) => {
+                                        let channel = msg.get_channel_name().to_owned();
+                                        if let (Some(model), Ok(id)) = (model_of_done_channel(&channel), msg.get_payload::<String>()) {
+                                            self.announce(model, &id);
+                                        }
+                                    }
+                                    None => break,
+                                },
+                            }
+                        }
+                        tracing::warn!("completion subscription lost; reconnecting");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot connect for completions; retrying"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! One model's pipeline: read (own pending first, then new), check each job, batch,
+//! hand the batch to an inference thread, and write results — while the next batch
+//! is being collected.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::models::{ModelCache, Version};
+use super::outcome::{End, JobInfo, terminal};
+use crate::batcher::{Batchable, take_batch, waiting_rows};
+use crate::config::WorkerConfig;
+use crate::error::Retry;
+use crate::metrics::metrics;
+use crate::protocol::job::{JobEntry, Payload, field as job_field};
+use crate::protocol::{DecodeError, Tensor, binary, oip};
+use crate::queue::consume::{self, Delivery, Started, Terminal};
+use crate::queue::{Conn, Keys, QueueError, dlq, janitor};
+use crate::registry::Registry;
+use crate::runtime::{InferPool, InvalidInput, RuntimeError};
+use crate::shutdown::Backoff;
+
+/// How long a read blocks when nothing is waiting (then the loop checks for shutdown
+/// and housekeeping).
+const BLOCK_MS: u64 = 1000;
+
+/// Response timeout of a reader connection: a blocking read plus a margin, so a
+/// silent (blackholed) connection is detected and replaced.
+pub(crate) fn read_timeout_ms() -> u64 {
+    BLOCK_MS + 3000
+}
+
+/// A job that passed every check and waits for a batch.
+struct Ready {
+    info: JobInfo,
+    version: Version,
+    inputs: Vec<Tensor>,
+    rows: usize,
+    wanted: Vec<String>,
+}
+
+impl Batchable for Ready {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn version(&self) -> u64 {
+        self.version.model.version
+    }
+}
+
+/// Everything one model's pipeline owns.
+pub(crate) struct Pipeline {
+    keys: Arc<Keys>,
+    cfg: Arc<WorkerConfig>,
+    reader: Conn,
+    writer: Conn,
+    pool: InferPool,
+    models: ModelCache,
+    waiting: VecDeque<Ready>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    claim_cursor: String,
+    last_janitor: Instant,
+    last_trim: Instant,
+    last_stale_check: Instant,
+}
+
+impl Pipeline {
+    pub(crate) fn new(
+        model: &str,
+        cfg: Arc<WorkerConfig>,
+        registry: Registry,
+        reader: Conn,
+        writer: Conn,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Pipeline {
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now);
+        Pipeline {
+            keys: Arc::new(Keys::new(model)),
+            pool: InferPool::spawn(model, cfg.infer_threads, cfg.intra_threads),
+            models: ModelCache::new(registry, model, cfg.batch),
+            cfg,
+            reader,
+            writer,
+            waiting: VecDeque::new(),
+            tracker,
+            stop,
+            claim_cursor: "0-0".into(),
+            last_janitor: long_ago,
+            last_trim: long_ago,
+            last_stale_check: Instant::now(),
+        }
+    }
+
+    /// Runs until shutdown: own pending entries first, then new ones. Errors are
+    /// logged and retried with backoff; this never returns early.
+    pub(crate) async fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_secs(2));
+        while let Err(e) = consume::ensure_group(&mut self.reader, &self.keys).await {
+            tracing::warn!(model = self.keys.model(), error = %e, "cannot create the consumer group; retrying");
+            if !backoff.wait(&self.stop).await {
+                return;
+            }
+        }
+        self.drain_own_pending(&mut backoff).await;
+        while !self.stop.is_cancelled() {
+            if let Err(e) = self.step().await {
+                metrics().redis_errors.with_label_values(&["read"]).inc();
+                if e.is_nogroup() {
+                    tracing::error!(
+                        model = self.keys.model(),
+                        "the jobs stream or its group vanished (Redis lost data); recreating it"
+                    );
+                    metrics()
+                        .data_loss_events
+                        .with_label_values(&[self.keys.model()])
+                        .inc();
+                    let _ = consume::ensure_group(&mut self.reader, &self.keys).await;
+                } else {
+                    tracing::warn!(model = self.keys.model(), error = %e, "read failed; retrying");
+                }
+                if !backoff.wait(&self.stop).await {
+                    break;
+                }
+            } else {
+                backoff.reset();
+            }
+        }
+        // Jobs already read go through before the pipeline ends (under the drain deadline).
+        while !self.waiting.is_empty() {
+            let pool = self.pool.clone();
+            let Ok(slot) = pool.reserve().await else {
+                break;
+            };
+            let batch = take_batch(&mut self.waiting, self.models.default_batch().max_batch);
+            self.dispatch(slot, batch);
+        }
+    }
+
+    /// A restarted worker finishes what its consumer name already holds.
+    async fn drain_own_pending(&mut self, backoff: &mut Backoff) {
+        let mut after = "0".to_owned();
+        while !self.stop.is_cancelled() {
+            let count = self.cfg.batch.max_batch.max(64);
+            match consume::read_own_pending(
+                &mut self.reader,
+                &self.keys,
+                &self.cfg.consumer,
+                &after,
+                count,
+            )
+            .await
+            {
+                Ok(list) if list.is_empty() => return,
+                Ok(list) => {
+                    after = list.last().map(|d| d.entry_id.clone()).unwrap_or(after);
+                    tracing::info!(
+                        model = self.keys.model(),
+                        jobs = list.len(),
+                        "resuming own pending jobs"
+                    );
+                    self.intake(list).await;
+                    while !self.waiting.is_empty() {
+                        let pool = self.pool.clone();
+                        let Ok(slot) = pool.reserve().await else {
+                            return;
+                        };
+                        let batch =
+                            take_batch(&mut self.waiting, self.models.default_batch().max_batch);
+                        self.dispatch(slot, batch);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(model = self.keys.model(), error = %e, "cannot read own pending jobs; retrying");
+                    if !backoff.wait(&self.stop).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round: housekeeping when due, wait for a free inference thread, collect a
+    /// batch, dispatch it.
+    async fn step(&mut self) -> Result<(), QueueError> {
+        self.housekeeping().await;
+        let pool = self.pool.clone();
+        let slot = tokio::select! {
+            () = self.stop.cancelled() => return Ok(()),
+            s = pool.reserve() => match s {
+                Ok(s) => s,
+                Err(_) => return Ok(()),
+            },
+        };
+        let batch_cfg = self.models.default_batch();
+        let need = batch_cfg
+            .max_batch
+            .saturating_sub(waiting_rows(&self.waiting));
+        if need > 0 {
+            let block = self.waiting.is_empty().then_some(BLOCK_MS);
+            let got = self.read(need, block).await?;
+            self.intake(got).await;
+            if !batch_cfg.max_wait.is_zero() && !self.waiting.is_empty() {
+                let until = Instant::now() + batch_cfg.max_wait;
+                while waiting_rows(&self.waiting) < batch_cfg.max_batch && !self.stop.is_cancelled()
+                {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    let need = batch_cfg.max_batch - waiting_rows(&self.waiting);
+                    let got = self
+                        .read(need, Some((left.as_millis() as u64).max(1)))
+                        .await?;
+                    self.intake(got).await;
+                }
+            }
+        }
+        if self.waiting.is_empty() {
+            return Ok(());
+        }
+        let batch = take_batch(&mut self.waiting, batch_cfg.max_batch);
+        self.dispatch(slot, batch);
+        Ok(())
+    }
+
+    async fn read(
+        &mut self,
+        count: usize,
+        block: Option<u64>,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let reader = &mut self.reader;
+        let read = consume::read_new(reader, &self.keys, &self.cfg.consumer, count, block);
+        tokio::select! {
+            () = self.stop.cancelled() => Ok(Vec::new()),
+            r = read => r,
+        }
+    }
+
+    /// Checks each delivery; good jobs join `waiting`, the rest are answered at once.
+    async fn intake(&mut self, deliveries: Vec<Delivery>) {
+        let mut answered = Vec::new();
+        for d in deliveries {
+            if let Some(t) = self.check(d).await {
+                answered.push(t);
+            }
+        }
+        if !answered.is_empty() {
+            let (writer, keys, cfg) = (
+                self.writer.clone(),
+                Arc::clone(&self.keys),
+                Arc::clone(&self.cfg),
+            );
+            self.tracker
+                .spawn(write_results(writer, keys, cfg, answered));
+        }
+    }
+
+    /// Turns a delivery into a ready job, or into its terminal answer, or (retryable
+    /// trouble) into nothing: it stays pending and is reclaimed later.
+    async fn check(&mut self, d: Delivery) -> Option<Terminal> {
+        let model = self.keys.model().to_owned();
+        let mut info = JobInfo {
+            entry_id: d.entry_id.clone(),
+            model,
+            attempts: d.deliveries,
+            enqueued_ms: d.enqueued_ms(),
+            ..JobInfo::default()
+        };
+        let Some(fields) = d.fields else {
+            return self.lost(info).await;
+        };
+        let entry =
+            match JobEntry::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
+                Ok(e) => e,
+                Err(e) => {
+                    info.job_id = e.id.clone();
+                    let end = if e.id.is_some() {
+                        End::Failed("invalid", format!("bad job entry: {}", e.error))
+                    } else {
+                        End::DeadLetter(format!("bad job entry: {}", e.error), fields)
+                    };
+                    return Some(terminal(&info, end));
+                }
+            };
+        info.job_id = Some(entry.id.clone());
+        info.version = entry.version;
+        match entry.reply_to.as_deref() {
+            Some(r) if !self.keys.is_reply_key(r) => {
+                let msg = format!(
+                    "reply_to must start with `{}`; nothing was written to the given key",
+                    self.keys.reply_prefix()
+                );
+                return Some(terminal(&info, End::Failed("invalid", msg)));
+            }
+            r => info.reply_to = r.map(str::to_owned),
+        }
+        if d.deliveries > self.cfg.queue.max_attempts {
+            let last = consume::last_error(&mut self.writer, &self.keys, &entry.id)
+                .await
+                .ok()
+                .flatten();
+            let why = format!(
+                "gave up after {} deliveries (max attempts {}): {}",
+                d.deliveries - 1,
+                self.cfg.queue.max_attempts,
+                last.unwrap_or_else(
+                    || "the worker handling it stopped or timed out each time".into()
+                )
+            );
+            metrics()
+                .jobs_dead_lettered
+                .with_label_values(&[self.keys.model()])
+                .inc();
+            return Some(terminal(&info, End::DeadLetter(why, fields)));
+        }
+        if entry.deadline_ms.is_some_and(|dl| dl < crate::now_ms()) {
+            return Some(terminal(
+                &info,
+                End::Expired("the deadline passed before the job was computed".into()),
+            ));
+        }
+        let version = match self.models.get(entry.version) {
+            Ok(v) => v,
+            Err(e) if e.retry == Retry::Terminal => {
+                return Some(terminal(&info, End::Failed("not_found", e.message)));
+            }
+            Err(e) => {
+                tracing::error!(model = self.keys.model(), job = %entry.id, error = %e.message, "cannot load the model version; the job will be retried");
+                let _ =
+                    consume::note_retryable(&mut self.writer, &self.keys, &entry.id, &e.message)
+                        .await;
+                return None;
+            }
+        };
+        info.version = Some(version.model.version);
+        let decoded = match &entry.payload {
+            Payload::Json(body) => {
+                oip::decode_request(body, version.model.signature.single_input())
+                    .map(|r| (r.inputs, r.outputs))
+            }
+            Payload::Binary(bin) => {
+                binary::decode(bin, self.cfg.queue.max_elements).map(|t| (t, Vec::new()))
+            }
+        };
+        let (inputs, wanted) = match decoded {
+            Ok(x) => x,
+            Err(DecodeError(m)) => return Some(terminal(&info, End::Failed("invalid", m))),
+        };
+        if let Some(unknown) = wanted.iter().find(|w| {
+            !version
+                .model
+                .signature
+                .outputs
+                .iter()
+                .any(|o| &o.name == *w)
+        }) {
+            let msg = format!("unknown output `{unknown}` requested");
+            return Some(terminal(&info, End::Failed("invalid", msg)));
+        }
+        match version
+            .model
+            .signature
+            .validate(inputs, self.cfg.queue.max_elements)
+        {
+            Ok(valid) => {
+                self.waiting.push_back(Ready {
+                    info,
+                    version,
+                    rows: valid.rows,
+                    inputs: valid.tensors,
+                    wanted,
+                });
+                None
+            }
+            Err(InvalidInput::Invalid(m)) => Some(terminal(&info, End::Failed("invalid", m))),
+            Err(InvalidInput::TooLarge(m)) => Some(terminal(&info, End::Failed("too_large", m))),
+        }
+    }
+
+    /// A pending entry whose stream entry is gone: answer its job as lost, if the
+    /// inflight index still knows which job it was.
+    async fn lost(&mut self, mut info: JobInfo) -> Option<Terminal> {
+        metrics()
+            .jobs_lost
+            .with_label_values(&[self.keys.model()])
+            .inc();
+        tracing::error!(model = self.keys.model(), entry = %info.entry_id, "a pending job's stream entry vanished (trimmed or lost by Redis)");
+        info.job_id = consume::inflight_job(&mut self.writer, &self.keys, &info.entry_id)
+            .await
+            .ok()
+            .flatten();
+        let msg = "lost: the job's stream entry vanished before it was computed (stream trimmed or Redis lost data)".to_owned();
+        Some(terminal(&info, End::Failed("lost", msg)))
+    }
+
+    /// Marks the batch running (not waited for), sends it to the reserved inference
+    /// thread, and spawns the task that writes its results.
+    fn dispatch(&mut self, slot: crate::runtime::pool::Slot<'_>, mut batch: Vec<Ready>) {
+        let Some(first) = batch.first() else { return };
+        let model = Arc::clone(&first.version.model);
+        let max_rows = first.version.batch.max_batch;
+        let started_ms = crate::now_ms();
+        let m = metrics();
+        let name = self.keys.model();
+        let rows: usize = batch.iter().map(|j| j.rows).sum();
+        m.batch_rows.with_label_values(&[name]).observe(rows as f64);
+        m.batch_jobs
+            .with_label_values(&[name])
+            .observe(batch.len() as f64);
+        let running: Vec<(String, String, u64, u32, Option<String>)> = batch
+            .iter_mut()
+            .map(|j| {
+                j.info.started_ms = Some(started_ms);
+                m.queue_wait
+                    .with_label_values(&[name])
+                    .observe(started_ms.saturating_sub(j.info.enqueued_ms) as f64 / 1000.0);
+                (
+                    j.info.entry_id.clone(),
+                    j.info.job_id.clone().unwrap_or_default(),
+                    model.version,
+                    j.info.attempts,
+                    j.info.reply_to.clone(),
+                )
+            })
+            .collect();
+        let (mut writer, keys) = (self.writer.clone(), Arc::clone(&self.keys));
+        tokio::spawn(async move {
+            let started: Vec<Started<'_>> = running
+                .iter()
+                .map(|(e, j, v, a, r)| Started {
+                    entry_id: e,
+                    job_id: j,
+                    version: *v,
+                    attempts: *a,
+                    reply_to: r.as_deref(),
+                })
+                .collect();
+            if let Err(e) = consume::mark_running(&mut writer, &keys, started_ms, &started).await {
+                tracing::debug!(error = %e, "running mark not written");
+            }
+        });
+        let inputs: Vec<Vec<Tensor>> = batch
+            .iter_mut()
+            .map(|j| std::mem::take(&mut j.inputs))
+            .collect();
+        let rx = slot.send_capped(Arc::clone(&model), inputs, Some(max_rows));
+        let t0 = Instant::now();
+        let (writer, keys, cfg) = (
+            self.writer.clone(),
+            Arc::clone(&self.keys),
+            Arc::clone(&self.cfg),
+        );
+        self.tracker.spawn(async move {
+            let outputs = rx.await.map_err(|_| RuntimeError::Stopped(model.label()));
+            let m = metrics();
+            let version = model.version.to_string();
+            m.inference_time
+                .with_label_values(&[keys.model(), &version])
+                .observe(t0.elapsed().as_secs_f64());
+            m.batches.with_label_values(&[keys.model(), &version]).inc();
+            m.rows_inferred
+                .with_label_values(&[keys.model(), &version])
+                .inc_by(rows as u64);
+            let mut results = Vec::with_capacity(batch.len());
+            let mut writer_for_notes = writer.clone();
+            let per_job: Vec<Result<Vec<Tensor>, RuntimeError>> = match outputs {
+                Ok(list) => list,
+                Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+            };
+            for (job, out) in batch.into_iter().zip(per_job) {
+                let end = match out {
+                    Ok(tensors) => End::Succeeded(select(tensors, &job.wanted)),
+                    Err(e @ RuntimeError::Run { .. }) => End::Failed("inference", e.to_string()),
+                    Err(e) => {
+                        // Load trouble or shutdown: leave the job pending for another try.
+                        if let Some(id) = &job.info.job_id {
+                            let _ = consume::note_retryable(
+                                &mut writer_for_notes,
+                                &keys,
+                                id,
+                                &e.to_string(),
+                            )
+                            .await;
+                        }
+                        continue;
+                    }
+                };
+                results.push(terminal(&job.info, end));
+            }
+            write_results(writer, keys, cfg, results).await;
+        });
+    }
+
+    /// Reclaims idle entries, trims, and forgets stale consumers, each when due.
+    async fn housekeeping(&mut self) {
+        let claim_after = self.cfg.queue.claim_after;
+        let every = (claim_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        if self.last_janitor.elapsed() >= every {
+            self.last_janitor = Instant::now();
+            let count = self.cfg.batch.max_batch.max(16);
+            match janitor::reclaim(
+                &mut self.writer,
+                &self.keys,
+                &self.cfg.consumer,
+                claim_after,
+                &self.claim_cursor,
+                count,
+            )
+            .await
+            {
+                Ok(r) => {
+                    self.claim_cursor = r.cursor;
+                    if !r.entries.is_empty() || !r.deleted.is_empty() {
+                        tracing::info!(
+                            model = self.keys.model(),
+                            reclaimed = r.entries.len(),
+                            vanished = r.deleted.len(),
+                            "reclaimed idle jobs"
+                        );
+                    }
+                    let gone = r.deleted.into_iter().map(|entry_id| Delivery {
+                        entry_id,
+                        fields: None,
+                        deliveries: 0,
+                    });
+                    let all: Vec<Delivery> = r.entries.into_iter().chain(gone).collect();
+                    self.intake(all).await;
+                }
+                Err(e) => tracing::warn!(model = self.keys.model(), error = %e, "reclaim failed"),
+            }
+        }
+        if self.last_trim.elapsed() >= Duration::from_secs(1) {
+            self.last_trim = Instant::now();
+            if let Err(e) = janitor::trim(&mut self.writer, &self.keys).await {
+                tracing::warn!(model = self.keys.model(), error = %e, "trim failed");
+            }
+        }
+        let stale_after = (claim_after * 10).max(Duration::from_secs(10));
+        if self.last_stale_check.elapsed() >= stale_after {
+            self.last_stale_check = Instant::now();
+            match janitor::remove_stale_consumers(
+                &mut self.writer,
+                &self.keys,
+                stale_after,
+                &self.cfg.consumer,
+            )
+            .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    model = self.keys.model(),
+                    removed = n,
+                    "removed stale consumers"
+                ),
+                Err(e) => {
+                    tracing::warn!(model = self.keys.model(), error = %e, "stale consumer check failed")
+                }
+            }
+        }
+    }
+}
+
+/// Keeps only the outputs the client asked for (all when none named).
+fn select(outputs: Vec<Tensor>, wanted: &[String]) -> Vec<Tensor> {
+    if wanted.is_empty() {
+        return outputs;
+    }
+    outputs
+        .into_iter()
+        .filter(|t| wanted.contains(&t.name))
+        .collect()
+}
+
+/// Writes terminal results until Redis takes them (the batch in hand is never
+/// dropped); counts each job once, and duplicate deliveries separately.
+async fn write_results(
+    mut writer: Conn,
+    keys: Arc<Keys>,
+    cfg: Arc<WorkerConfig>,
+    terminals: Vec<Terminal>,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(2));
+    let never = CancellationToken::new();
+    let written = loop {
+        let min_id = dlq::retention_min_id(cfg.queue.dlq_retention_s);
+        match consume::finish(
+            &mut writer,
+            &keys,
+            cfg.queue.result_ttl_s,
+            &min_id,
+            &terminals,
+        )
+        .await
+        {
+            Ok(flags) => break flags,
+            Err(e) => {
+                metrics().redis_errors.with_label_values(&["finish"]).inc();
+                tracing::warn!(model = keys.model(), jobs = terminals.len(), error = %e, "cannot write results yet; retrying");
+                backoff.wait(&never).await;
+            }
+        }
+    };
+    let m = metrics();
+    let now = crate::now_ms();
+    for (t, first) in terminals.iter().zip(written) {
+        if !first {
+            m.duplicate_deliveries
+                .with_label_values(&[keys.model()])
+                .inc();
+            continue;
+        }
+        let field = |name: &str| {
+            t.fields
+                .iter()
+                .find(|(f, _)| *f == name)
+                .map(|(_, v)| v.as_str())
+        };
+        m.jobs_finished
+            .with_label_values(&[
+                keys.model(),
+                field(job_field::VERSION).unwrap_or(""),
+                field(job_field::STATUS).unwrap_or(""),
+            ])
+            .inc();
+        if let Some(enqueued) = field(job_field::ENQUEUED_MS).and_then(|v| v.parse::<u64>().ok()) {
+            m.end_to_end
+                .with_label_values(&[keys.model()])
+                .observe(now.saturating_sub(enqueued) as f64 / 1000.0);
+        }
+    }
+}
