@@ -21,9 +21,11 @@
 //! - [`config`]: one set of settings from file, environment and flags, validated once.
 //! - [`cli`]: the binary's roles and tools.
 
+pub mod api;
 pub mod batcher;
 pub mod cli;
 pub mod config;
+pub mod embedded;
 pub mod error;
 pub mod metrics;
 pub mod protocol;

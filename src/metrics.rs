@@ -301,3 +301,22 @@ pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
 }
+
+/// Sum of a counter family, optionally only the series with `label` = value
+/// (for `/v1/stats`, which must agree with `/metrics`).
+pub fn sum(counter: &IntCounterVec, label: Option<(&str, &str)>) -> u64 {
+    use prometheus::core::Collector;
+    counter
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .filter(|m| {
+            label.is_none_or(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == k && l.value() == v)
+            })
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}

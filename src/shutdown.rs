@@ -51,7 +51,7 @@ impl Backoff {
 
     /// Sleeps the next delay (with ±25% jitter) unless `stop` fires first; false when stopped.
     pub async fn wait(&mut self, stop: &CancellationToken) -> bool {
-        let jitter = 0.75 + rand::random::<f64>() * 0.5;
+        let jitter = rand::random::<f64>().mul_add(0.5, 0.75);
         let delay = self.next.mul_f64(jitter);
         self.next = (self.next * 2).min(self.max);
         tokio::select! {

@@ -39,6 +39,11 @@ pub enum Command {
         #[command(subcommand)]
         command: models::ModelsCommand,
     },
+    /// Front door and workers in one process; starts a private redis-server when
+    /// INFERQ_REDIS_URL is unset.
+    Serve,
+    /// The stateless HTTP front door.
+    Gateway,
     /// Consume model streams: micro-batch, run ONNX Runtime, write results.
     Worker,
     /// Inspect and re-drive dead-lettered jobs.
@@ -88,7 +93,9 @@ fn config_path(args: &[String]) -> Option<PathBuf> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Models { command } => models::run(&cli.settings, command),
-        Command::Worker => roles::worker(&cli.settings),
+        Command::Serve => roles::run(&cli.settings, roles::Role::Serve),
+        Command::Gateway => roles::run(&cli.settings, roles::Role::Gateway),
+        Command::Worker => roles::run(&cli.settings, roles::Role::Worker),
         Command::Dlq { command } => dlq::run(&cli.settings, command),
     }
 }

@@ -134,8 +134,8 @@ pub(super) fn run(settings: &Settings, command: ModelsCommand) -> anyhow::Result
                 return Ok(());
             }
             println!(
-                "{:<24} {:<16} {:>8} {:>12}  {}",
-                "NAME", "VERSIONS", "DEFAULT", "SIZE", "CREATED"
+                "{:<24} {:<16} {:>8} {:>12}  CREATED",
+                "NAME", "VERSIONS", "DEFAULT", "SIZE"
             );
             for m in models {
                 let versions = m

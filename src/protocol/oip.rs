@@ -26,6 +26,10 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
     /// Output names the client asked for; empty means all.
     pub outputs: Vec<String>,
+    /// Job option for the HTTP front door: unix ms after which not to compute.
+    pub deadline_ms: Option<u64>,
+    /// Job option for the HTTP front door: a reply list to push the record to.
+    pub reply_to: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +42,10 @@ struct RawRequest<'a> {
     features: Option<&'a RawValue>,
     #[serde(default)]
     outputs: Option<Vec<RawOutput>>,
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+    #[serde(default)]
+    reply_to: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +106,8 @@ pub fn decode_request(
         id: raw.id,
         inputs,
         outputs,
+        deadline_ms: raw.deadline_ms,
+        reply_to: raw.reply_to,
     })
 }
 

@@ -117,18 +117,19 @@ pub async fn remove_stale_consumers(
             .find(|(k, _)| k == "idle")
             .and_then(|(_, v)| int(v))
             .unwrap_or(0);
-        if let Some(name) = name.filter(|n| n != keep) {
-            if pending == 0 && idle_ms as u128 > idle.as_millis() {
-                redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(keys.jobs())
-                    .arg(GROUP)
-                    .arg(&name)
-                    .query_async::<Value>(conn)
-                    .await
-                    .map_err(QueueError::redis("remove a stale consumer"))?;
-                removed += 1;
-            }
+        if let Some(name) = name.filter(|n| n != keep)
+            && pending == 0
+            && idle_ms as u128 > idle.as_millis()
+        {
+            redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(keys.jobs())
+                .arg(GROUP)
+                .arg(&name)
+                .query_async::<Value>(conn)
+                .await
+                .map_err(QueueError::redis("remove a stale consumer"))?;
+            removed += 1;
         }
     }
     Ok(removed)
@@ -198,10 +199,10 @@ pub async fn depth(conn: &mut Conn, keys: &Keys) -> Result<Depth, QueueError> {
             .query_async(conn)
             .await
             .map_err(QueueError::redis("read the oldest job"))?;
-        if let Value::Array(list) = first {
-            if let Some(e) = list.first().and_then(parse_entry) {
-                d.oldest_waiting_ms = Some(crate::now_ms().saturating_sub(e.enqueued_ms()));
-            }
+        if let Value::Array(list) = first
+            && let Some(e) = list.first().and_then(parse_entry)
+        {
+            d.oldest_waiting_ms = Some(crate::now_ms().saturating_sub(e.enqueued_ms()));
         }
     }
     Ok(d)

@@ -46,10 +46,10 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        if let Ok(mut w) = self.waiters.lock() {
-            if w.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1) {
-                w.remove(&self.key);
-            }
+        if let Ok(mut w) = self.waiters.lock()
+            && w.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            w.remove(&self.key);
         }
     }
 }
@@ -81,10 +81,10 @@ impl Notifier {
     }
 
     fn announce(&self, model: &str, id: &str) {
-        if let Ok(w) = self.waiters.lock() {
-            if let Some(tx) = w.get(&(model.to_owned(), id.to_owned())) {
-                let _ = tx.send(true);
-            }
+        if let Ok(w) = self.waiters.lock()
+            && let Some(tx) = w.get(&(model.to_owned(), id.to_owned()))
+        {
+            let _ = tx.send(true);
         }
     }
 

@@ -11,6 +11,7 @@
 //! readers never see half a version and two concurrent adds get distinct versions.
 //! ONNX Runtime is not called here: `add` takes the signature reader as an argument.
 
+mod cache;
 pub mod manifest;
 mod onnx;
 
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+pub use cache::RegistryCache;
 pub use manifest::{Batching, Manifest};
 pub use onnx::check_no_external_data;
 
@@ -159,7 +161,7 @@ impl Registry {
     }
 
     /// Fails unless `path` is a real directory or file (not a symlink) under the root.
-    fn no_symlink(&self, path: &Path) -> Result<()> {
+    fn no_symlink(path: &Path) -> Result<()> {
         let meta = std::fs::symlink_metadata(path).map_err(io_err(path))?;
         if meta.file_type().is_symlink() {
             return Err(RegistryError::Refused(format!(
@@ -186,7 +188,7 @@ impl Registry {
         check_no_external_data(&bytes).map_err(refuse)?;
         let signature = inspect(&bytes).map_err(refuse)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        self.no_symlink(&dir)?;
+        Self::no_symlink(&dir)?;
         let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
         std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
         let result = self.publish(&tmp, &dir, name, &bytes, signature, new);
@@ -235,7 +237,7 @@ impl Registry {
             let target = dir.join(version.to_string());
             match std::fs::rename(tmp, &target) {
                 Ok(()) => return Ok(manifest),
-                Err(_) if target.exists() && new.version.is_none() => continue,
+                Err(_) if target.exists() && new.version.is_none() => {}
                 Err(_) if target.exists() => {
                     return Err(RegistryError::Refused(format!(
                         "model `{name}` already has version {version}"
@@ -318,7 +320,7 @@ impl Registry {
             });
         }
         let path = dir.join(MANIFEST_FILE);
-        self.no_symlink(&path)?;
+        Self::no_symlink(&path)?;
         let text = std::fs::read(&path).map_err(io_err(&path))?;
         serde_json::from_slice(&text).map_err(|e| {
             RegistryError::Refused(format!("{}: not a valid manifest: {e}", path.display()))
@@ -355,7 +357,7 @@ impl Registry {
         let vdir = dir.join(manifest.version.to_string());
         let path = vdir.join(MODEL_FILE);
         for p in [&dir, &vdir, &path] {
-            self.no_symlink(p)?;
+            Self::no_symlink(p)?;
         }
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
         let actual = sha256_hex(&bytes);

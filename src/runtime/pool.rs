@@ -160,10 +160,10 @@ fn session_for<'a>(
     model: &LoadedModel,
     intra_threads: usize,
 ) -> Result<&'a mut ModelSession, RuntimeError> {
-    if !sessions.contains_key(&model.version) {
+    if let std::collections::hash_map::Entry::Vacant(e) = sessions.entry(model.version) {
         let mut s = ModelSession::load(&model.bytes, &model.label(), intra_threads)?;
         s.warm_up()?;
-        sessions.insert(model.version, s);
+        e.insert(s);
     }
     Ok(sessions
         .get_mut(&model.version)

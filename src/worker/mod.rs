@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::WorkerConfig;
 use crate::queue::{QueueError, RedisTarget};
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistryCache};
 use crate::shutdown::Backoff;
 
 /// How often the registry is re-read for new models (when serving all models).
@@ -45,7 +45,7 @@ impl Worker {
         let drain = cfg.drain_timeout;
         let spawner = Spawner {
             cfg: Arc::clone(&cfg),
-            registry: registry.clone(),
+            registry: RegistryCache::new(registry, Duration::from_secs(1)),
             target,
             writer,
             tracker: tracker.clone(),
@@ -70,7 +70,7 @@ impl Worker {
 /// Starts a pipeline per model, once each.
 struct Spawner {
     cfg: Arc<WorkerConfig>,
-    registry: Registry,
+    registry: RegistryCache,
     target: RedisTarget,
     writer: crate::queue::Conn,
     tracker: TaskTracker,
@@ -83,7 +83,7 @@ impl Spawner {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         while !self.stop.is_cancelled() {
             let wanted = if self.cfg.models.is_empty() {
-                match self.registry.names() {
+                match self.registry.registry().names() {
                     Ok(names) => names,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot list the registry");

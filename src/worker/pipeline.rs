@@ -19,7 +19,7 @@ use crate::protocol::job::{JobEntry, Payload, field as job_field};
 use crate::protocol::{DecodeError, Tensor, binary, oip};
 use crate::queue::consume::{self, Delivery, Started, Terminal};
 use crate::queue::{Conn, Keys, QueueError, dlq, janitor};
-use crate::registry::Registry;
+use crate::registry::RegistryCache;
 use crate::runtime::{InferPool, InvalidInput, RuntimeError};
 use crate::shutdown::Backoff;
 
@@ -72,7 +72,7 @@ impl Pipeline {
     pub(crate) fn new(
         model: &str,
         cfg: Arc<WorkerConfig>,
-        registry: Registry,
+        registry: RegistryCache,
         reader: Conn,
         writer: Conn,
         tracker: TaskTracker,

@@ -1,0 +1,291 @@
+//! Job routes: submit (idempotent, validated, atomic), poll and long-poll, cancel,
+//! and synchronous infer through the same queue.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Body;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode};
+use serde_json::json;
+
+use super::{ApiError, App, Reply, json, read_body};
+use crate::metrics::metrics;
+use crate::protocol::job::{self, JobEntry, JobRecord, Payload};
+use crate::protocol::oip;
+use crate::queue::Keys;
+use crate::queue::submit::{self as q, Cancelled, SubmitMeta, Submitted};
+use crate::registry::sha256_hex;
+use crate::runtime::InvalidInput;
+
+/// A job the front door accepted (or found already accepted).
+struct Accepted {
+    keys: Keys,
+    id: String,
+    created: bool,
+}
+
+fn status_url(model: &str, id: &str) -> String {
+    format!("/v1/models/{model}/jobs/{id}")
+}
+
+impl App {
+    /// Validates the request against the model and enqueues it; nothing is written
+    /// on any error.
+    async fn enqueue<B>(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        req: Request<B>,
+    ) -> Result<Accepted, ApiError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let manifest = self.manifest(model, version)?;
+        let (parts, body) = read_body(req, self.cfg.max_body_bytes).await?;
+        let request = oip::decode_request(&body, manifest.signature.single_input())
+            .map_err(|e| ApiError::Invalid(e.0))?;
+        if let Some(unknown) = request
+            .outputs
+            .iter()
+            .find(|o| !manifest.signature.outputs.iter().any(|s| &s.name == *o))
+        {
+            return Err(ApiError::Invalid(format!(
+                "unknown output `{unknown}` requested"
+            )));
+        }
+        manifest
+            .signature
+            .validate(request.inputs, self.cfg.max_elements)
+            .map_err(|e| match e {
+                InvalidInput::Invalid(m) => ApiError::Invalid(m),
+                InvalidInput::TooLarge(m) => ApiError::TooLarge(m),
+            })?;
+        let header_id = parts
+            .headers
+            .get("idempotency-key")
+            .map(|v| v.to_str().map(str::to_owned));
+        let id = match (header_id, request.id) {
+            (Some(Ok(h)), _) => h,
+            (Some(Err(_)), _) => {
+                return Err(ApiError::Invalid(
+                    "Idempotency-Key is not valid text".into(),
+                ));
+            }
+            (None, Some(i)) => i,
+            (None, None) => job::new_id(),
+        };
+        if !job::valid_id(&id) {
+            return Err(ApiError::Invalid(format!(
+                "job id `{}` must be 1-128 characters of A-Za-z0-9._:-",
+                id.chars().take(140).collect::<String>()
+            )));
+        }
+        let keys = Keys::new(model);
+        if let Some(r) = &request.reply_to
+            && !keys.is_reply_key(r)
+        {
+            return Err(ApiError::Invalid(format!(
+                "reply_to must start with `{}`",
+                keys.reply_prefix()
+            )));
+        }
+        let traceparent = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body_sha = sha256_hex(&body);
+        let entry = JobEntry {
+            id: id.clone(),
+            payload: Payload::Json(body.to_vec()),
+            version: Some(manifest.version),
+            deadline_ms: request.deadline_ms,
+            reply_to: request.reply_to,
+            traceparent,
+        };
+        let meta = SubmitMeta {
+            body_sha: &body_sha,
+            max_queue: self.cfg.max_queue,
+            version: manifest.version,
+        };
+        let mut conn = self.conn.clone();
+        match q::submit(&mut conn, &keys, &entry, &meta).await? {
+            Submitted::Created(_) => {
+                metrics().jobs_submitted.with_label_values(&[model]).inc();
+                Ok(Accepted {
+                    keys,
+                    id,
+                    created: true,
+                })
+            }
+            Submitted::Existing(_) => Ok(Accepted {
+                keys,
+                id,
+                created: false,
+            }),
+            Submitted::Conflict => Err(ApiError::Conflict(format!(
+                "job id `{id}` is already used by a different request"
+            ))),
+            Submitted::QueueFull(n) => Err(ApiError::Busy(format!(
+                "model `{model}` has {n} jobs queued (max_queue {}); retry later",
+                self.cfg.max_queue
+            ))),
+        }
+    }
+
+    /// `POST /v1/models/{m}/jobs`: 202 with the status URL; the same id and body again: 200.
+    pub(super) async fn submit_job<B>(
+        &self,
+        model: &str,
+        req: Request<B>,
+    ) -> Result<Reply, ApiError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let a = self.enqueue(model, None, req).await?;
+        if !a.created {
+            return self.get_job(model, &a.id, None).await;
+        }
+        let url = status_url(model, &a.id);
+        let mut r = json(
+            StatusCode::ACCEPTED,
+            json!({ "id": a.id, "status": "queued", "status_url": url }).to_string(),
+        );
+        if let Ok(v) = HeaderValue::from_str(&url) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        Ok(r)
+    }
+
+    /// `GET /v1/models/{m}/jobs/{id}[?wait=S]`: the record, waiting up to S seconds
+    /// (capped) for it to turn terminal.
+    pub(super) async fn get_job(
+        &self,
+        model: &str,
+        id: &str,
+        wait: Option<f64>,
+    ) -> Result<Reply, ApiError> {
+        let keys = Self::job_keys(model, id)?;
+        let wait =
+            wait.map(|s| Duration::from_secs_f64(s.min(self.cfg.max_poll_wait.as_secs_f64())));
+        let record = self
+            .wait_terminal(&keys, id, wait.unwrap_or_default())
+            .await?;
+        let record = record.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "unknown job `{id}` of model `{model}` (never submitted, or its result expired)"
+            ))
+        })?;
+        Ok(json(
+            StatusCode::OK,
+            serde_json::to_string(&record).expect("a record always serializes, this is a bug"),
+        ))
+    }
+
+    /// `DELETE /v1/models/{m}/jobs/{id}`: cancels a job that is not terminal yet.
+    pub(super) async fn cancel_job(&self, model: &str, id: &str) -> Result<Reply, ApiError> {
+        let keys = Self::job_keys(model, id)?;
+        let mut conn = self.conn.clone();
+        match q::cancel(&mut conn, &keys, id, self.cfg.result_ttl_s).await? {
+            Cancelled::Unknown => Err(ApiError::NotFound(format!(
+                "unknown job `{id}` of model `{model}`"
+            ))),
+            Cancelled::Done(record) => {
+                metrics()
+                    .jobs_finished
+                    .with_label_values(&[model, "", "cancelled"])
+                    .inc();
+                Ok(json(StatusCode::OK, record))
+            }
+            Cancelled::AlreadyTerminal(s) => Err(ApiError::Conflict(format!(
+                "job `{id}` is already {}",
+                s.as_str()
+            ))),
+        }
+    }
+
+    /// `POST /v2/models/{m}[/versions/{v}]/infer`: through the queue like any job;
+    /// 200 with the OIP response when done in time, else 202 with the status URL.
+    pub(super) async fn infer<B>(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        req: Request<B>,
+    ) -> Result<Reply, ApiError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let a = self.enqueue(model, version, req).await?;
+        let record = self
+            .wait_terminal(&a.keys, &a.id, self.cfg.sync_timeout)
+            .await?;
+        let record = record.ok_or_else(|| {
+            ApiError::NotFound(format!("job `{}` vanished (Redis lost it)", a.id))
+        })?;
+        match (record.status, record.outputs) {
+            (job::Status::Succeeded, Some(outputs)) => {
+                Ok(json(StatusCode::OK, outputs.get().to_owned()))
+            }
+            (s, _) if s.is_terminal() => Err(ApiError::JobFailed {
+                message: record
+                    .error
+                    .unwrap_or_else(|| format!("job {}", s.as_str())),
+                kind: record.error_kind.unwrap_or_else(|| s.as_str().to_owned()),
+            }),
+            (s, _) => {
+                let url = status_url(model, &a.id);
+                let mut r = json(
+                    StatusCode::ACCEPTED,
+                    json!({ "id": a.id, "status": s.as_str(), "status_url": url }).to_string(),
+                );
+                if let Ok(v) = HeaderValue::from_str(&url) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                Ok(r)
+            }
+        }
+    }
+
+    fn job_keys(model: &str, id: &str) -> Result<Keys, ApiError> {
+        if !crate::registry::valid_name(model) || !job::valid_id(id) {
+            return Err(ApiError::NotFound(format!(
+                "unknown job `{id}` of model `{model}`"
+            )));
+        }
+        Ok(Keys::new(model))
+    }
+
+    /// The record once terminal, or as it is when `wait` runs out; `None` when unknown.
+    /// The waiter registers before the first read, so a completion in between is not missed.
+    async fn wait_terminal(
+        &self,
+        keys: &Keys,
+        id: &str,
+        wait: Duration,
+    ) -> Result<Option<JobRecord>, ApiError> {
+        let mut conn = self.conn.clone();
+        if wait.is_zero() {
+            return Ok(q::get(&mut conn, keys, id).await?);
+        }
+        let _permit = self.waiters.try_acquire().map_err(|_| {
+            ApiError::Busy("too many requests are waiting for results; retry later".into())
+        })?;
+        let mut waiter = self.notifier.register(keys.model(), id);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let record = q::get(&mut conn, keys, id).await?;
+            match &record {
+                Some(r) if !r.status.is_terminal() => {}
+                _ => return Ok(record),
+            }
+            tokio::select! {
+                () = waiter.changed() => {}
+                () = tokio::time::sleep_until(until) => return Ok(q::get(&mut conn, keys, id).await?),
+            }
+        }
+    }
+}
