@@ -28,6 +28,7 @@ pub mod config;
 pub mod embedded;
 pub mod error;
 pub mod metrics;
+pub mod producer;
 pub mod protocol;
 pub mod queue;
 pub mod registry;

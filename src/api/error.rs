@@ -2,6 +2,7 @@
 
 use hyper::StatusCode;
 
+use crate::producer::ProduceError;
 use crate::queue::QueueError;
 use crate::registry::RegistryError;
 
@@ -115,6 +116,20 @@ impl From<RegistryError> for ApiError {
                 tracing::error!(error = %other, "registry read failed");
                 ApiError::Unavailable("the model registry cannot be read".into())
             }
+        }
+    }
+}
+
+impl From<ProduceError> for ApiError {
+    fn from(e: ProduceError) -> Self {
+        match e {
+            ProduceError::NotFound(m) => ApiError::NotFound(m),
+            ProduceError::Invalid(m) => ApiError::Invalid(m),
+            ProduceError::TooLarge(m) => ApiError::TooLarge(m),
+            ProduceError::Conflict(m) => ApiError::Conflict(m),
+            ProduceError::QueueFull(m) => ApiError::Busy(m),
+            ProduceError::Registry(e) => e.into(),
+            ProduceError::Queue(e) => e.into(),
         }
     }
 }

@@ -11,27 +11,17 @@ use serde_json::json;
 
 use super::{ApiError, App, Reply, json, read_body};
 use crate::metrics::metrics;
-use crate::protocol::job::{self, JobEntry, JobRecord, Payload};
-use crate::protocol::oip;
+use crate::producer::{Accepted, JobRequest};
+use crate::protocol::job::{self, JobRecord};
 use crate::queue::Keys;
-use crate::queue::submit::{self as q, Cancelled, SubmitMeta, Submitted};
-use crate::registry::sha256_hex;
-use crate::runtime::InvalidInput;
-
-/// A job the front door accepted (or found already accepted).
-struct Accepted {
-    keys: Keys,
-    id: String,
-    created: bool,
-}
+use crate::queue::submit::{self as q, Cancelled};
 
 fn status_url(model: &str, id: &str) -> String {
     format!("/v1/models/{model}/jobs/{id}")
 }
 
 impl App {
-    /// Validates the request against the model and enqueues it; nothing is written
-    /// on any error.
+    /// Reads the body and hands it to the producer (validation, atomic enqueue).
     async fn enqueue<B>(
         &self,
         model: &str,
@@ -42,97 +32,34 @@ impl App {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let manifest = self.manifest(model, version)?;
+        self.producer.manifest(model, version)?;
         let (parts, body) = read_body(req, self.cfg.max_body_bytes).await?;
-        let request = oip::decode_request(&body, manifest.signature.single_input())
-            .map_err(|e| ApiError::Invalid(e.0))?;
-        if let Some(unknown) = request
-            .outputs
-            .iter()
-            .find(|o| !manifest.signature.outputs.iter().any(|s| &s.name == *o))
-        {
-            return Err(ApiError::Invalid(format!(
-                "unknown output `{unknown}` requested"
-            )));
-        }
-        manifest
-            .signature
-            .validate(request.inputs, self.cfg.max_elements)
-            .map_err(|e| match e {
-                InvalidInput::Invalid(m) => ApiError::Invalid(m),
-                InvalidInput::TooLarge(m) => ApiError::TooLarge(m),
-            })?;
-        let header_id = parts
-            .headers
-            .get("idempotency-key")
-            .map(|v| v.to_str().map(str::to_owned));
-        let id = match (header_id, request.id) {
-            (Some(Ok(h)), _) => h,
-            (Some(Err(_)), _) => {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .map(|v| v.to_str().map(str::to_owned))
+        };
+        let id = match header("idempotency-key") {
+            Some(Ok(h)) => Some(h),
+            Some(Err(_)) => {
                 return Err(ApiError::Invalid(
                     "Idempotency-Key is not valid text".into(),
                 ));
             }
-            (None, Some(i)) => i,
-            (None, None) => job::new_id(),
+            None => None,
         };
-        if !job::valid_id(&id) {
-            return Err(ApiError::Invalid(format!(
-                "job id `{}` must be 1-128 characters of A-Za-z0-9._:-",
-                id.chars().take(140).collect::<String>()
-            )));
-        }
-        let keys = Keys::new(model);
-        if let Some(r) = &request.reply_to
-            && !keys.is_reply_key(r)
-        {
-            return Err(ApiError::Invalid(format!(
-                "reply_to must start with `{}`",
-                keys.reply_prefix()
-            )));
-        }
-        let traceparent = parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body_sha = sha256_hex(&body);
-        let entry = JobEntry {
-            id: id.clone(),
-            payload: Payload::Json(body.to_vec()),
-            version: Some(manifest.version),
-            deadline_ms: request.deadline_ms,
-            reply_to: request.reply_to,
-            traceparent,
-        };
-        let meta = SubmitMeta {
-            body_sha: &body_sha,
-            max_queue: self.cfg.max_queue,
-            version: manifest.version,
-        };
-        let mut conn = self.conn.clone();
-        match q::submit(&mut conn, &keys, &entry, &meta).await? {
-            Submitted::Created(_) => {
-                metrics().jobs_submitted.with_label_values(&[model]).inc();
-                Ok(Accepted {
-                    keys,
-                    id,
-                    created: true,
-                })
-            }
-            Submitted::Existing(_) => Ok(Accepted {
-                keys,
+        let traceparent = header("traceparent").and_then(Result::ok);
+        Ok(self
+            .producer
+            .submit(JobRequest {
+                model,
+                version,
+                body: &body,
                 id,
-                created: false,
-            }),
-            Submitted::Conflict => Err(ApiError::Conflict(format!(
-                "job id `{id}` is already used by a different request"
-            ))),
-            Submitted::QueueFull(n) => Err(ApiError::Busy(format!(
-                "model `{model}` has {n} jobs queued (max_queue {}); retry later",
-                self.cfg.max_queue
-            ))),
-        }
+                traceparent,
+            })
+            .await?)
     }
 
     /// `POST /v1/models/{m}/jobs`: 202 with the status URL; the same id and body again: 200.

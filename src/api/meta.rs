@@ -12,7 +12,6 @@ use super::{ApiError, App, Reply, Routed, json};
 use crate::metrics::metrics;
 use crate::protocol::job::Status;
 use crate::queue::{Keys, janitor};
-use crate::registry::{Manifest, valid_name};
 
 impl App {
     /// Dispatches on method and path; the template names the route in metrics.
@@ -135,7 +134,7 @@ impl App {
             .query_async::<String>(&mut conn)
             .await
             .is_ok();
-        let registry_ok = self.registry.registry().names().is_ok();
+        let registry_ok = self.producer.registry().registry().names().is_ok();
         let status = if redis_ok && registry_ok {
             StatusCode::OK
         } else {
@@ -148,22 +147,11 @@ impl App {
         )
     }
 
-    /// The manifest for `m` at `v` (default when `None`); 404 for bad names.
-    pub(super) fn manifest(
-        &self,
-        m: &str,
-        v: Option<u64>,
-    ) -> Result<std::sync::Arc<Manifest>, ApiError> {
-        if !valid_name(m) {
-            return Err(ApiError::NotFound(format!("unknown model `{m}`")));
-        }
-        Ok(self.registry.manifest(m, v)?)
-    }
-
     fn model_metadata(&self, m: &str, v: Option<u64>) -> Result<Reply, ApiError> {
-        let manifest = self.manifest(m, v)?;
+        let manifest = self.producer.manifest(m, v)?;
         let versions: Vec<String> = self
-            .registry
+            .producer
+            .registry()
             .registry()
             .versions(m)?
             .iter()
@@ -188,12 +176,12 @@ impl App {
     }
 
     fn model_ready(&self, m: &str, v: Option<u64>) -> Result<Reply, ApiError> {
-        let manifest = self.manifest(m, v)?;
+        let manifest = self.producer.manifest(m, v)?;
         Ok(json(StatusCode::OK, json!({ "name": manifest.name, "version": manifest.version.to_string(), "ready": true }).to_string()))
     }
 
     fn list_models(&self) -> Result<Reply, ApiError> {
-        let models = self.registry.registry().list()?;
+        let models = self.producer.registry().registry().list()?;
         let body: Vec<_> = models
             .iter()
             .map(|m| {
@@ -217,7 +205,13 @@ impl App {
         let (ok, failed) = (finished(Status::Succeeded), finished(Status::Failed));
         let mut depth = serde_json::Map::new();
         let mut conn = self.conn.clone();
-        for name in self.registry.registry().names().unwrap_or_default() {
+        for name in self
+            .producer
+            .registry()
+            .registry()
+            .names()
+            .unwrap_or_default()
+        {
             if let Ok(d) = janitor::depth(&mut conn, &Keys::new(&name)).await {
                 depth.insert(name, json!(d));
             }
@@ -230,7 +224,7 @@ impl App {
             "failed_predictions": failed,
             "success_rate": if ok + failed > 0 { ok as f64 / (ok + failed) as f64 } else { 1.0 },
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "loaded_models": self.registry.registry().names().unwrap_or_default(),
+            "loaded_models": self.producer.registry().registry().names().unwrap_or_default(),
             "memory_mb": sys.resident_bytes as f64 / 1_048_576.0,
             "queue_depth": depth,
         });

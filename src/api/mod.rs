@@ -30,6 +30,7 @@ pub use meta::ops;
 
 use crate::config::Settings;
 use crate::metrics::metrics;
+use crate::producer::Producer;
 use crate::queue::notify::Notifier;
 use crate::queue::{Conn, RedisTarget};
 use crate::registry::{Registry, RegistryCache};
@@ -78,7 +79,7 @@ impl ApiConfig {
 #[derive(Debug)]
 pub struct App {
     cfg: ApiConfig,
-    registry: RegistryCache,
+    producer: Producer,
     conn: Conn,
     notifier: Notifier,
     waiters: Semaphore,
@@ -92,10 +93,16 @@ pub type Reply = Response<Full<Bytes>>;
 impl App {
     /// Builds the app; `notifier` must be running (see [`Notifier::run`]).
     pub fn new(cfg: ApiConfig, registry: Registry, conn: Conn, notifier: Notifier) -> App {
+        let producer = Producer::new(
+            RegistryCache::new(registry, Duration::from_secs(1)),
+            conn.clone(),
+            cfg.max_elements,
+            cfg.max_queue,
+        );
         App {
+            producer,
             waiters: Semaphore::new(cfg.max_waiters),
             cfg,
-            registry: RegistryCache::new(registry, Duration::from_secs(1)),
             conn,
             notifier,
             started: Instant::now(),

@@ -4,6 +4,7 @@
 mod dlq;
 mod models;
 mod roles;
+mod submit;
 
 use std::path::PathBuf;
 
@@ -46,6 +47,8 @@ pub enum Command {
     Gateway,
     /// Consume model streams: micro-batch, run ONNX Runtime, write results.
     Worker,
+    /// Enqueue one job from the shell; optionally wait for its result.
+    Submit(submit::SubmitArgs),
     /// Inspect and re-drive dead-lettered jobs.
     Dlq {
         /// What to do with them.
@@ -97,5 +100,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway => roles::run(&cli.settings, roles::Role::Gateway),
         Command::Worker => roles::run(&cli.settings, roles::Role::Worker),
         Command::Dlq { command } => dlq::run(&cli.settings, command),
+        Command::Submit(args) => submit::run(&cli.settings, args),
     }
 }

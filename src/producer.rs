@@ -1,0 +1,197 @@
+//! The producer side, shared by the HTTP front door and the CLI (`submit`, `bench`):
+//! check a request against the model's signature, then enqueue it atomically.
+//! Nothing is written when any check fails.
+
+use crate::metrics::metrics;
+use crate::protocol::job::{self, JobEntry, Payload};
+use crate::protocol::oip;
+use crate::queue::submit::{self as q, SubmitMeta, Submitted};
+use crate::queue::{Conn, Keys, QueueError};
+use crate::registry::{Manifest, RegistryCache, RegistryError, sha256_hex, valid_name};
+use crate::runtime::InvalidInput;
+
+/// Why a job was not enqueued.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// Unknown model or version.
+    #[error("{0}")]
+    NotFound(String),
+    /// Malformed or invalid request.
+    #[error("{0}")]
+    Invalid(String),
+    /// A tensor over the per-job cap.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The id is taken by another request.
+    #[error("{0}")]
+    Conflict(String),
+    /// The model's backlog is full.
+    #[error("{0}")]
+    QueueFull(String),
+    /// The registry could not be read.
+    #[error("{0}")]
+    Registry(RegistryError),
+    /// Redis failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+impl From<RegistryError> for ProduceError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::UnknownModel(_)
+            | RegistryError::UnknownVersion(..)
+            | RegistryError::InvalidName(_) => ProduceError::NotFound(e.to_string()),
+            other => ProduceError::Registry(other),
+        }
+    }
+}
+
+/// One job to enqueue.
+#[derive(Debug, Clone, Default)]
+pub struct JobRequest<'a> {
+    /// Model name.
+    pub model: &'a str,
+    /// Version; `None` resolves the default now (and records it).
+    pub version: Option<u64>,
+    /// OIP v2 JSON body (or the `features` shorthand), with optional `id`,
+    /// `deadline_ms`, `reply_to`.
+    pub body: &'a [u8],
+    /// A job id that overrides the body's (the `Idempotency-Key` header).
+    pub id: Option<String>,
+    /// W3C trace context to carry.
+    pub traceparent: Option<String>,
+}
+
+/// A job that is in the queue (new, or found there with the same body).
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The model's keys.
+    pub keys: Keys,
+    /// Job id.
+    pub id: String,
+    /// False when the same id and body were already enqueued.
+    pub created: bool,
+}
+
+/// Validates and enqueues jobs.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    registry: RegistryCache,
+    conn: Conn,
+    max_elements: usize,
+    max_queue: u64,
+}
+
+impl Producer {
+    /// A producer over a registry and a Redis connection.
+    pub fn new(
+        registry: RegistryCache,
+        conn: Conn,
+        max_elements: usize,
+        max_queue: u64,
+    ) -> Producer {
+        Producer {
+            registry,
+            conn,
+            max_elements,
+            max_queue,
+        }
+    }
+
+    /// The registry cache (for metadata routes).
+    pub fn registry(&self) -> &RegistryCache {
+        &self.registry
+    }
+
+    /// The manifest of a model version (default when `None`); not-found for bad names.
+    pub fn manifest(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<std::sync::Arc<Manifest>, ProduceError> {
+        if !valid_name(model) {
+            return Err(ProduceError::NotFound(format!("unknown model `{model}`")));
+        }
+        Ok(self.registry.manifest(model, version)?)
+    }
+
+    /// Checks the request against the model, then writes record and entry atomically.
+    pub async fn submit(&self, req: JobRequest<'_>) -> Result<Accepted, ProduceError> {
+        let manifest = self.manifest(req.model, req.version)?;
+        let request = oip::decode_request(req.body, manifest.signature.single_input())
+            .map_err(|e| ProduceError::Invalid(e.0))?;
+        if let Some(unknown) = request
+            .outputs
+            .iter()
+            .find(|o| !manifest.signature.outputs.iter().any(|s| &s.name == *o))
+        {
+            return Err(ProduceError::Invalid(format!(
+                "unknown output `{unknown}` requested"
+            )));
+        }
+        manifest
+            .signature
+            .validate(request.inputs, self.max_elements)
+            .map_err(|e| match e {
+                InvalidInput::Invalid(m) => ProduceError::Invalid(m),
+                InvalidInput::TooLarge(m) => ProduceError::TooLarge(m),
+            })?;
+        let id = req.id.or(request.id).unwrap_or_else(job::new_id);
+        if !job::valid_id(&id) {
+            let shown: String = id.chars().take(140).collect();
+            return Err(ProduceError::Invalid(format!(
+                "job id `{shown}` must be 1-128 characters of A-Za-z0-9._:-"
+            )));
+        }
+        let keys = Keys::new(req.model);
+        if let Some(r) = &request.reply_to
+            && !keys.is_reply_key(r)
+        {
+            return Err(ProduceError::Invalid(format!(
+                "reply_to must start with `{}`",
+                keys.reply_prefix()
+            )));
+        }
+        let body_sha = sha256_hex(req.body);
+        let entry = JobEntry {
+            id: id.clone(),
+            payload: Payload::Json(req.body.to_vec()),
+            version: Some(manifest.version),
+            deadline_ms: request.deadline_ms,
+            reply_to: request.reply_to,
+            traceparent: req.traceparent,
+        };
+        let meta = SubmitMeta {
+            body_sha: &body_sha,
+            max_queue: self.max_queue,
+            version: manifest.version,
+        };
+        let mut conn = self.conn.clone();
+        match q::submit(&mut conn, &keys, &entry, &meta).await? {
+            Submitted::Created(_) => {
+                metrics()
+                    .jobs_submitted
+                    .with_label_values(&[req.model])
+                    .inc();
+                Ok(Accepted {
+                    keys,
+                    id,
+                    created: true,
+                })
+            }
+            Submitted::Existing(_) => Ok(Accepted {
+                keys,
+                id,
+                created: false,
+            }),
+            Submitted::Conflict => Err(ProduceError::Conflict(format!(
+                "job id `{id}` is already used by a different request"
+            ))),
+            Submitted::QueueFull(n) => Err(ProduceError::QueueFull(format!(
+                "model `{}` has {n} jobs queued (max_queue {}); retry later",
+                req.model, self.max_queue
+            ))),
+        }
+    }
+}
