@@ -1,7 +1,7 @@
 //! The batching policy, as a pure function over the jobs waiting in a worker.
 //!
-//! Rows, not jobs, are counted. A batch takes jobs from the front while they fit in
-//! `max_batch` rows and share the first job's version; a job larger than `max_batch`
+//! Rows, not jobs, are counted. A batch takes jobs from the front, in order, while
+//! they fit in `max_batch` rows and share the first job's version; a job larger than `max_batch`
 //! goes alone (the runtime runs it `max_batch` rows at a time and reassembles its
 //! outputs in order). Jobs skipped for another version keep their place.
 //!
@@ -37,14 +37,18 @@ pub fn take_batch<J: Batchable>(queue: &mut VecDeque<J>, max_batch: usize) -> Ve
     let mut rows = 0;
     let mut rest = VecDeque::with_capacity(queue.len());
     while let Some(job) = queue.pop_front() {
-        if job.version() == version && rows + job.rows() <= max_batch {
+        if job.version() != version {
+            rest.push_back(job);
+        } else if rows + job.rows() <= max_batch {
             rows += job.rows();
             batch.push(job);
             if rows == max_batch {
                 break;
             }
         } else {
+            // First come, first served: a later job never overtakes one that does not fit.
             rest.push_back(job);
+            break;
         }
     }
     rest.append(queue);

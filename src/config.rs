@@ -228,6 +228,11 @@ impl Settings {
             }
         };
         positive(self.max_batch as u64, "INFERQ_MAX_BATCH")?;
+        if self.max_batch > 2048 {
+            return Err(
+                "INFERQ_MAX_BATCH must be at most 2048 rows (one result script per batch)".into(),
+            );
+        }
         positive(self.infer_threads as u64, "INFERQ_INFER_THREADS")?;
         positive(self.intra_threads as u64, "INFERQ_INTRA_THREADS")?;
         positive(self.result_ttl_s, "INFERQ_RESULT_TTL_S")?;
