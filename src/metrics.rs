@@ -5,9 +5,27 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// The `reason` values of `inferq_jobs_rejected_total` (what the front door refuses).
+pub const REJECTION_REASONS: [&str; 5] = [
+    "invalid",
+    "too_large",
+    "queue_full",
+    "unauthorized",
+    "unavailable",
+];
+
+/// The `op` values of `inferq_redis_errors_total`: the pipeline's reads and result
+/// writes, and the sampler's ping and depth reads.
+pub const REDIS_OPS: [&str; 4] = ["read", "finish", "ping", "depth"];
+
+/// The `model` label of a refusal naming a model the registry does not know. The path
+/// is client input: labelling it as sent would let any client grow the label set
+/// without bound. A leading `_` is never a valid model name, so this cannot clash.
+pub const UNKNOWN_MODEL: &str = "_unknown";
 
 /// Latency buckets from 0.5 ms to 30 s, fine enough for a meaningful p95.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -64,12 +82,19 @@ pub struct Metrics {
     pub batches: IntCounterVec,
     /// HTTP requests by route template and status.
     pub http_duration: HistogramVec,
-    /// Process CPU use in percent of one core.
+    /// Process CPU use in percent of one core, since the previous scrape.
     pub process_cpu: Gauge,
+    /// Process CPU time (all cores), for `rate()`: unlike the percentage, it does not
+    /// depend on how often or by how many servers the process is scraped.
+    pub process_cpu_seconds: Counter,
     /// Process resident memory.
     pub process_memory: IntGauge,
     /// Host memory in use.
     pub host_memory_used: IntGauge,
+    /// Host memory in total (for a used/total ratio).
+    pub host_memory_total: IntGauge,
+    /// 1 when this process' last Redis ping answered, else 0 (sampled with the depth).
+    pub redis_up: IntGauge,
     /// Open file descriptors of the process.
     pub open_fds: IntGauge,
     /// Build information (value 1).
@@ -134,7 +159,14 @@ impl Metrics {
         .expect("valid metric, this is a bug");
         r.register(Box::new(oldest.clone()))
             .expect("metric registered once, this is a bug");
-        Metrics {
+        let cpu_seconds = Counter::new(
+            "inferq_process_cpu_seconds_total",
+            "CPU time used by this process, user and system, all cores.",
+        )
+        .expect("valid metric, this is a bug");
+        r.register(Box::new(cpu_seconds.clone()))
+            .expect("metric registered once, this is a bug");
+        let m = Metrics {
             jobs_submitted: counter(
                 &r,
                 "inferq_jobs_submitted_total",
@@ -258,8 +290,9 @@ impl Metrics {
             ),
             process_cpu: fgauge(
                 "inferq_process_cpu_percent",
-                "CPU used by this process, percent of one core.",
+                "CPU used by this process since the previous scrape, percent of one core.",
             ),
+            process_cpu_seconds: cpu_seconds,
             process_memory: igauge(
                 "inferq_process_resident_memory_bytes",
                 "Resident memory of this process.",
@@ -267,6 +300,14 @@ impl Metrics {
             host_memory_used: igauge(
                 "inferq_host_memory_used_bytes",
                 "Memory in use on the host.",
+            ),
+            host_memory_total: igauge(
+                "inferq_host_memory_total_bytes",
+                "Memory of the host in total.",
+            ),
+            redis_up: igauge(
+                "inferq_redis_up",
+                "1 when this process' last Redis ping (every few seconds) answered, else 0.",
             ),
             open_fds: igauge(
                 "inferq_process_open_fds",
@@ -283,7 +324,48 @@ impl Metrics {
                 "Seconds since this process started.",
             ),
             registry: r,
+        };
+        for op in REDIS_OPS {
+            m.redis_errors.with_label_values(&[op]);
         }
+        m
+    }
+
+    /// Creates the series of `model` that only appear on their first event, at zero.
+    /// Prometheus' `rate()` and `increase()` miss the first increment of a series that
+    /// appears at 1, and a panel or alert on a series that does not exist shows "no
+    /// data" rather than 0. Called by the depth sampler for each model it sees;
+    /// idempotent.
+    pub fn touch_model(&self, model: &str) {
+        for c in [
+            &self.jobs_submitted,
+            &self.jobs_dead_lettered,
+            &self.duplicate_deliveries,
+            &self.jobs_lost,
+            &self.data_loss_events,
+        ] {
+            c.with_label_values(&[model]);
+        }
+        for reason in REJECTION_REASONS {
+            self.jobs_rejected.with_label_values(&[model, reason]);
+        }
+        for h in [
+            &self.batch_rows,
+            &self.batch_jobs,
+            &self.queue_wait,
+            &self.end_to_end,
+        ] {
+            h.with_label_values(&[model]);
+        }
+    }
+
+    /// Drops the sampled gauges of a model that left the registry, so its last
+    /// figures do not stay on the dashboard forever.
+    pub fn forget_model(&self, model: &str) {
+        for g in [&self.queue_depth, &self.consumer_lag, &self.pending] {
+            let _ = g.remove_label_values(&[model]);
+        }
+        let _ = self.oldest_job_age.remove_label_values(&[model]);
     }
 
     /// The text exposition of every metric.
@@ -319,4 +401,41 @@ pub fn sum(counter: &IntCounterVec, label: Option<(&str, &str)>) -> u64 {
         })
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names follow the Prometheus conventions promtool lints for (the integration
+    /// test runs `promtool check metrics` on a live exposition too).
+    #[test]
+    fn names_are_prefixed_and_counters_end_in_total() {
+        let m = Metrics::new();
+        m.touch_model("m");
+        m.jobs_finished
+            .with_label_values(&["m", "1", "succeeded"])
+            .inc();
+        let text = m.render();
+        for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = line.split_once(' ').expect("name and type");
+            assert!(name.starts_with("inferq_"), "{name}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+        }
+        for reason in REJECTION_REASONS {
+            let series = format!(r#"inferq_jobs_rejected_total{{model="m",reason="{reason}"}} 0"#);
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+        assert!(text.contains(r#"inferq_jobs_submitted_total{model="m"} 0"#));
+        assert!(text.contains(r#"inferq_end_to_end_seconds_count{model="m"} 0"#));
+    }
+
+    #[test]
+    fn a_model_that_left_the_registry_loses_its_gauges() {
+        let m = Metrics::new();
+        m.queue_depth.with_label_values(&["gone"]).set(5);
+        m.oldest_job_age.with_label_values(&["gone"]).set(1.5);
+        m.forget_model("gone");
+        assert!(!m.render().contains(r#"model="gone""#));
+    }
 }

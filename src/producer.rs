@@ -174,6 +174,7 @@ impl Producer {
                     .jobs_submitted
                     .with_label_values(&[req.model])
                     .inc();
+                tracing::debug!(model = req.model, id = %id, "job queued");
                 Ok(Accepted {
                     keys,
                     id,

@@ -146,10 +146,10 @@ impl App {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // The waiter slot first: a sync infer refused for want of one enqueues nothing.
+        let _permit = self.waiter_permit()?;
         let a = self.enqueue(model, version, req).await?;
-        let record = self
-            .wait_terminal(&a.keys, &a.id, self.cfg.sync_timeout)
-            .await?;
+        let record = self.wait_for(&a.keys, &a.id, self.cfg.sync_timeout).await?;
         let record = record.ok_or_else(|| {
             ApiError::NotFound(format!("job `{}` vanished (Redis lost it)", a.id))
         })?;
@@ -187,20 +187,36 @@ impl App {
     }
 
     /// The record once terminal, or as it is when `wait` runs out; `None` when unknown.
-    /// The waiter registers before the first read, so a completion in between is not missed.
     async fn wait_terminal(
         &self,
         keys: &Keys,
         id: &str,
         wait: Duration,
     ) -> Result<Option<JobRecord>, ApiError> {
-        let mut conn = self.conn.clone();
         if wait.is_zero() {
+            let mut conn = self.conn.clone();
             return Ok(q::get(&mut conn, keys, id).await?);
         }
-        let _permit = self.waiters.try_acquire().map_err(|_| {
+        let _permit = self.waiter_permit()?;
+        self.wait_for(keys, id, wait).await
+    }
+
+    /// One of the `max_waiters` slots for a long-poll or sync infer; 429 when none is free.
+    fn waiter_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        self.waiters.try_acquire().map_err(|_| {
             ApiError::Busy("too many requests are waiting for results; retry later".into())
-        })?;
+        })
+    }
+
+    /// [`App::wait_terminal`] for a caller that holds a waiter slot. The waiter
+    /// registers before the first read, so a completion in between is not missed.
+    async fn wait_for(
+        &self,
+        keys: &Keys,
+        id: &str,
+        wait: Duration,
+    ) -> Result<Option<JobRecord>, ApiError> {
+        let mut conn = self.conn.clone();
         let mut waiter = self.notifier.register(keys.model(), id);
         let until = tokio::time::Instant::now() + wait;
         loop {

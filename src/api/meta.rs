@@ -268,12 +268,14 @@ fn known_path(segs: &[&str]) -> bool {
         ["v2"]
             | ["v2", "models", _]
             | ["v2", "models", _, "infer" | "ready"]
-            | ["v2", "models", _, "versions", _, ..]
+            | ["v2", "models", _, "versions", _]
+            | ["v2", "models", _, "versions", _, "infer" | "ready"]
             | ["v1", "models"]
-            | ["v1", "models", _, "jobs", ..]
+            | ["v1", "models", _, "jobs"]
+            | ["v1", "models", _, "jobs", _]
             | ["v1", "stats"]
             | ["metrics"]
-            | ["v2", "health", _]
+            | ["v2", "health", "live" | "ready"]
     )
 }
 

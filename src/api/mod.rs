@@ -144,9 +144,16 @@ impl App {
             if let (Some(model), true) = (&routed.model, routed.submits)
                 && let Some(reason) = e.rejection_reason()
             {
+                // The path is client input: label only models the registry knows.
+                let known = self.producer.registry().default_version(model).is_ok();
+                let label = if known {
+                    model.as_str()
+                } else {
+                    crate::metrics::UNKNOWN_MODEL
+                };
                 metrics()
                     .jobs_rejected
-                    .with_label_values(&[model, reason])
+                    .with_label_values(&[label, reason])
                     .inc();
             }
             let mut r = json(e.status(), e.body());

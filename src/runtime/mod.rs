@@ -69,8 +69,21 @@ pub fn version() -> String {
         Ok(_) => ort::info()
             .split(['=', ','])
             .find_map(|w| w.trim().strip_prefix("rel-"))
-            .unwrap_or("unknown")
-            .to_owned(),
+            .map(str::to_owned)
+            // Release wheels are built from a tag (`git-branch=HEAD`): the library's
+            // file name (`libonnxruntime.so.1.32.0`, behind the `.so` link) says it.
+            .or_else(version_from_file_name)
+            .unwrap_or_else(|| "unknown".to_owned()),
         Err(_) => "unavailable".to_owned(),
     }
+}
+
+/// `1.32.0` from the resolved `libonnxruntime.so.1.32.0`.
+fn version_from_file_name() -> Option<String> {
+    let path = std::fs::canonicalize(locate().ok()?).ok()?;
+    let name = path.file_name()?.to_str()?;
+    let v = name.split_once(".so.")?.1;
+    v.chars()
+        .all(|c| c.is_ascii_digit() || c == '.')
+        .then(|| v.to_owned())
 }
