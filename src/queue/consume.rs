@@ -7,6 +7,7 @@ use redis::Value;
 
 use super::script::scripts;
 use super::{Conn, GROUP, Keys, QueueError, int, text};
+use crate::protocol::job::Status;
 
 /// One delivered stream entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +75,51 @@ pub async fn read_new(
     let mut out = parse_read(&reply)?;
     out.iter_mut().for_each(|d| d.deliveries = 1);
     Ok(out)
+}
+
+/// What [`take`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Taken {
+    /// New entries, now pending for this consumer, their jobs marked running.
+    Entries(Vec<Delivery>),
+    /// Nothing waits; the stream's last entry id, to block on with [`wait_new`].
+    Empty(String),
+}
+
+/// Takes up to `count` new entries and marks their jobs running, in one script (no
+/// per-job arguments travel, and no job is delivered without its running mark).
+pub async fn take(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize, started_ms: u64) -> Result<Taken, QueueError> {
+    let count = count.max(1).to_string();
+    let started = started_ms.to_string();
+    let prefix = keys.job("");
+    let args: [&[u8]; 6] = [GROUP.as_bytes(), consumer.as_bytes(), count.as_bytes(), started.as_bytes(), prefix.as_bytes(), keys.model().as_bytes()];
+    let reply = scripts().take.run(conn, &[keys.jobs(), keys.inflight()], &args, "take new jobs").await?;
+    let Value::Array(parts) = reply else { return Err(QueueError::Protocol("take new jobs")) };
+    match (parts.first().and_then(int), parts.get(1)) {
+        (Some(1), Some(Value::Array(entries))) => {
+            let list: Option<Vec<Delivery>> = entries.iter().map(parse_entry).collect();
+            list.map(Taken::Entries).ok_or(QueueError::Protocol("take new jobs"))
+        }
+        (Some(0), Some(last)) => Ok(Taken::Empty(text(last).unwrap_or_else(|| "0-0".into()))),
+        _ => Err(QueueError::Protocol("take new jobs")),
+    }
+}
+
+/// Blocks up to `block_ms` until the stream has an entry after `after` (without
+/// consuming it); true when one arrived.
+pub async fn wait_new(conn: &mut Conn, keys: &Keys, after: &str, block_ms: u64) -> Result<bool, QueueError> {
+    let reply: Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1)
+        .arg("BLOCK")
+        .arg(block_ms.max(1))
+        .arg("STREAMS")
+        .arg(keys.jobs())
+        .arg(after)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("wait for new jobs"))?;
+    Ok(!matches!(reply, Value::Nil))
 }
 
 /// Reads this consumer's own pending entries after `after` (`0` first), with their
@@ -251,18 +297,30 @@ pub async fn mark_running(
 }
 
 /// A terminal result ready to write.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Terminal {
     /// Stream entry id to acknowledge.
     pub entry_id: String,
     /// Job id (`None` for an entry without a valid id: it is only dead-lettered and acked).
     pub job_id: Option<String>,
+    /// The terminal status.
+    pub status: Status,
+    /// OIP v2 response JSON when succeeded, else the error message.
+    pub body: String,
+    /// Machine word of the error (`None` on success).
+    pub error_kind: Option<&'static str>,
+    /// Version that ran (or was asked for).
+    pub version: Option<u64>,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// Batch start, when it got that far.
+    pub started_ms: Option<u64>,
+    /// When it turned terminal.
+    pub finished_ms: u64,
     /// Reply list (already checked against the model's prefix).
     pub reply_to: Option<String>,
-    /// The record as JSON, pushed to `reply_to`.
-    pub record_json: String,
-    /// Record hash fields to set.
-    pub fields: Vec<(&'static str, String)>,
+    /// The record as JSON for `reply_to`; built only when there is a reply list.
+    pub reply_json: Option<String>,
     /// Dead-letter entry fields, when the job used up its attempts or cannot be parsed.
     pub dead_letter: Vec<(String, Vec<u8>)>,
 }
@@ -270,63 +328,48 @@ pub struct Terminal {
 /// Writes a batch of terminal results, first writer wins, and acknowledges every
 /// entry; returns, per result, whether this call turned the job terminal (false: it
 /// already was, a duplicate delivery). Safe to call again with the same results.
-pub async fn finish(
-    conn: &mut Conn,
-    keys: &Keys,
-    ttl_s: u64,
-    dlq_min_id: &str,
-    results: &[Terminal],
-) -> Result<Vec<bool>, QueueError> {
+pub async fn finish(conn: &mut Conn, keys: &Keys, ttl_s: u64, dlq_min_id: &str, results: &[Terminal]) -> Result<Vec<bool>, QueueError> {
     if results.is_empty() {
         return Ok(Vec::new());
     }
     let mut owned_keys: Vec<String> = Vec::with_capacity(results.len() * 2);
-    let mut counts: Vec<(String, String)> = Vec::with_capacity(results.len());
+    let mut numbers: Vec<[String; 5]> = Vec::with_capacity(results.len());
     for r in results {
         // An id-less entry has no record: a throwaway key in the slot stands in for it.
         let rec = keys.job(r.job_id.as_deref().unwrap_or("-"));
-        let reply = r.reply_to.clone().unwrap_or_else(|| rec.clone());
+        owned_keys.push(r.reply_to.clone().filter(|_| r.reply_json.is_some()).unwrap_or_else(|| rec.clone()));
         owned_keys.push(rec);
-        owned_keys.push(reply);
-        counts.push((r.fields.len().to_string(), r.dead_letter.len().to_string()));
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        numbers.push([opt(r.version), r.attempts.to_string(), opt(r.started_ms), r.finished_ms.to_string(), r.dead_letter.len().to_string()]);
     }
     let mut key_refs: Vec<&str> = vec![keys.jobs(), keys.dlq(), keys.inflight()];
-    key_refs.extend(owned_keys.iter().map(String::as_str));
+    for pair in owned_keys.chunks_exact(2) {
+        key_refs.push(&pair[1]);
+        key_refs.push(&pair[0]);
+    }
     let ttl = ttl_s.to_string();
-    let mut args: Vec<&[u8]> = vec![
-        super::GROUP.as_bytes(),
-        ttl.as_bytes(),
-        keys.done().as_bytes(),
-        dlq_min_id.as_bytes(),
-    ];
-    for (r, (n, d)) in results.iter().zip(&counts) {
-        args.push(r.entry_id.as_bytes());
-        args.push(r.job_id.as_deref().unwrap_or("").as_bytes());
-        args.push(if r.reply_to.is_some() && r.job_id.is_some() {
-            b"1"
-        } else {
-            b"0"
-        });
-        args.push(r.record_json.as_bytes());
-        args.push(n.as_bytes());
-        for (f, v) in &r.fields {
-            args.push(f.as_bytes());
-            args.push(v.as_bytes());
-        }
-        args.push(d.as_bytes());
+    let mut args: Vec<&[u8]> = vec![super::GROUP.as_bytes(), ttl.as_bytes(), keys.done().as_bytes(), dlq_min_id.as_bytes(), keys.model().as_bytes()];
+    for (r, [version, attempts, started, finished, d]) in results.iter().zip(&numbers) {
+        args.extend([
+            r.entry_id.as_bytes(),
+            r.job_id.as_deref().unwrap_or("").as_bytes(),
+            r.status.as_str().as_bytes(),
+            r.body.as_bytes(),
+            r.error_kind.unwrap_or("").as_bytes(),
+            version.as_bytes(),
+            attempts.as_bytes(),
+            started.as_bytes(),
+            finished.as_bytes(),
+            r.reply_json.as_deref().unwrap_or("").as_bytes(),
+            d.as_bytes(),
+        ]);
         for (f, v) in &r.dead_letter {
             args.push(f.as_bytes());
             args.push(v);
         }
     }
-    let v = scripts()
-        .finish
-        .run(conn, &key_refs, &args, "write results")
-        .await?;
-    match v {
-        Value::Array(flags) if flags.len() == results.len() => {
-            Ok(flags.iter().map(|f| int(f) == Some(1)).collect())
-        }
+    match scripts().finish.run(conn, &key_refs, &args, "write results").await? {
+        Value::Array(flags) if flags.len() == results.len() => Ok(flags.iter().map(|f| int(f) == Some(1)).collect()),
         _ => Err(QueueError::Protocol("write results")),
     }
 }

@@ -46,10 +46,13 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        if let Ok(mut w) = self.waiters.lock()
-            && w.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1)
-        {
-            w.remove(&self.key);
+        if let Ok(mut w) = self.waiters.lock() {
+            // Drop our receiver while holding the lock, so two waiters of one job
+            // dropped at once cannot each see the other and both leave the entry.
+            self.rx = watch::channel(false).1;
+            if w.get(&self.key).is_some_and(|tx| tx.receiver_count() == 0) {
+                w.remove(&self.key);
+            }
         }
     }
 }

@@ -1,9 +1,10 @@
-//! Terminal results as the queue writes them: the record hash fields and the same
-//! record as JSON for `reply_to`, built once per job.
+//! Terminal results as the queue writes them. The record JSON for `reply_to` is built
+//! only for jobs that have a reply list: most jobs are polled, and their hash fields
+//! are assembled by the result script from a few values.
 
 use serde_json::value::RawValue;
 
-use crate::protocol::job::{JobRecord, Status, field};
+use crate::protocol::job::{JobRecord, Status};
 use crate::protocol::{InferResponse, OutputTensor, Tensor};
 use crate::queue::consume::Terminal;
 use crate::queue::dlq::dead_field;
@@ -19,6 +20,8 @@ pub(crate) struct JobInfo {
     pub(crate) reply_to: Option<String>,
     pub(crate) enqueued_ms: u64,
     pub(crate) started_ms: Option<u64>,
+    /// True when the running mark was written as the entry was taken.
+    pub(crate) marked: bool,
 }
 
 /// How a job ended.
@@ -34,98 +37,60 @@ pub(crate) enum End {
     DeadLetter(String, Vec<(Vec<u8>, Vec<u8>)>),
 }
 
-impl End {
-    pub(crate) fn status(&self) -> Status {
-        match self {
-            End::Succeeded(_) => Status::Succeeded,
-            End::Failed(..) | End::DeadLetter(..) => Status::Failed,
-            End::Expired(_) => Status::Expired,
-        }
-    }
-}
-
 /// Builds the terminal write for one job.
 pub(crate) fn terminal(job: &JobInfo, end: End) -> Terminal {
     let finished_ms = crate::now_ms();
-    let status = end.status();
-    let mut record = JobRecord {
-        id: job.job_id.clone().unwrap_or_default(),
-        status,
-        model: job.model.clone(),
-        version: job.version,
-        enqueued_ms: Some(job.enqueued_ms),
-        started_ms: job.started_ms,
-        finished_ms: Some(finished_ms),
-        attempts: job.attempts,
-        outputs: None,
-        error: None,
-        error_kind: None,
-        dead_lettered: false,
-    };
-    let mut fields: Vec<(&'static str, String)> = vec![
-        (field::STATUS, status.as_str().to_owned()),
-        (field::MODEL, job.model.clone()),
-        (field::ENQUEUED_MS, job.enqueued_ms.to_string()),
-        (field::FINISHED_MS, finished_ms.to_string()),
-        (field::ATTEMPTS, job.attempts.to_string()),
-    ];
-    if let Some(v) = job.version {
-        fields.push((field::VERSION, v.to_string()));
-    }
-    if let Some(s) = job.started_ms {
-        fields.push((field::STARTED_MS, s.to_string()));
-    }
-    let mut dead_letter = Vec::new();
-    match end {
+    let (status, body, error_kind, dead_letter) = match end {
         End::Succeeded(outputs) => {
             let response = InferResponse {
                 model_name: job.model.clone(),
                 model_version: job.version.map(|v| v.to_string()).unwrap_or_default(),
-                id: record.id.clone(),
+                id: job.job_id.clone().unwrap_or_default(),
                 outputs: outputs.into_iter().map(OutputTensor::from).collect(),
             };
-            let json =
-                serde_json::to_string(&response).expect("outputs always serialize, this is a bug");
-            record.outputs = RawValue::from_string(json.clone()).ok();
-            fields.push((field::OUTPUTS, json));
+            let json = serde_json::to_string(&response).expect("outputs always serialize, this is a bug");
+            (Status::Succeeded, json, None, Vec::new())
         }
-        End::Failed(kind, message) => fail(&mut record, &mut fields, kind, message),
-        End::Expired(message) => fail(&mut record, &mut fields, "expired", message),
+        End::Failed(kind, message) => (Status::Failed, message, Some(kind), Vec::new()),
+        End::Expired(message) => (Status::Expired, message, Some("expired"), Vec::new()),
         End::DeadLetter(message, entry) => {
-            record.dead_lettered = true;
-            fields.push((field::DEAD_LETTERED, "1".into()));
-            dead_letter = entry
-                .into_iter()
-                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
-                .collect();
-            dead_letter.push((dead_field::ERROR.into(), message.clone().into_bytes()));
-            dead_letter.push((
-                dead_field::ATTEMPTS.into(),
-                job.attempts.to_string().into_bytes(),
-            ));
-            dead_letter.push((dead_field::ENTRY.into(), job.entry_id.clone().into_bytes()));
-            fail(&mut record, &mut fields, "dead_lettered", message);
+            let mut dead: Vec<(String, Vec<u8>)> = entry.into_iter().map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v)).collect();
+            dead.push((dead_field::ERROR.into(), message.clone().into_bytes()));
+            dead.push((dead_field::ATTEMPTS.into(), job.attempts.to_string().into_bytes()));
+            dead.push((dead_field::ENTRY.into(), job.entry_id.clone().into_bytes()));
+            (Status::Failed, message, Some("dead_lettered"), dead)
         }
-    }
+    };
+    let reply_json = job.reply_to.as_ref().and(job.job_id.as_ref()).map(|id| {
+        let succeeded = status == Status::Succeeded;
+        let record = JobRecord {
+            id: id.clone(),
+            status,
+            model: job.model.clone(),
+            version: job.version,
+            enqueued_ms: Some(job.enqueued_ms),
+            started_ms: job.started_ms,
+            finished_ms: Some(finished_ms),
+            attempts: job.attempts,
+            outputs: if succeeded { RawValue::from_string(body.clone()).ok() } else { None },
+            error: (!succeeded).then(|| body.clone()),
+            error_kind: error_kind.map(str::to_owned),
+            dead_lettered: !dead_letter.is_empty(),
+        };
+        serde_json::to_string(&record).expect("a record always serializes, this is a bug")
+    });
     Terminal {
         entry_id: job.entry_id.clone(),
         job_id: job.job_id.clone(),
+        status,
+        body,
+        error_kind,
+        version: job.version,
+        attempts: job.attempts,
+        started_ms: job.started_ms,
+        finished_ms,
         reply_to: job.reply_to.clone(),
-        record_json: serde_json::to_string(&record)
-            .expect("a record always serializes, this is a bug"),
-        fields,
+        reply_json,
         dead_letter,
     }
-}
-
-fn fail(
-    record: &mut JobRecord,
-    fields: &mut Vec<(&'static str, String)>,
-    kind: &str,
-    message: String,
-) {
-    fields.push((field::ERROR, message.clone()));
-    fields.push((field::ERROR_KIND, kind.to_owned()));
-    record.error = Some(message);
-    record.error_kind = Some(kind.to_owned());
 }

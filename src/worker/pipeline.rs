@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::models::{ModelCache, Version};
 use super::outcome::{End, JobInfo, terminal};
@@ -15,9 +16,9 @@ use crate::batcher::{Batchable, take_batch, waiting_rows};
 use crate::config::WorkerConfig;
 use crate::error::Retry;
 use crate::metrics::metrics;
-use crate::protocol::job::{JobEntry, Payload, field as job_field};
+use crate::protocol::job::{JobEntry, Payload};
 use crate::protocol::{DecodeError, Tensor, binary, oip};
-use crate::queue::consume::{self, Delivery, Started, Terminal};
+use crate::queue::consume::{self, Delivery, Started, Taken, Terminal};
 use crate::queue::{Conn, Keys, QueueError, dlq, janitor};
 use crate::registry::RegistryCache;
 use crate::runtime::{InferPool, InvalidInput, RuntimeError};
@@ -165,7 +166,7 @@ impl Pipeline {
                         jobs = list.len(),
                         "resuming own pending jobs"
                     );
-                    self.intake(list).await;
+                    self.intake(list, None).await;
                     while !self.waiting.is_empty() {
                         let pool = self.pool.clone();
                         let Ok(slot) = pool.reserve().await else {
@@ -204,8 +205,8 @@ impl Pipeline {
             .saturating_sub(waiting_rows(&self.waiting));
         if need > 0 {
             let block = self.waiting.is_empty().then_some(BLOCK_MS);
-            let got = self.read(need, block).await?;
-            self.intake(got).await;
+            let (got, taken) = self.read(need, block).await?;
+            self.intake(got, taken).await;
             if !batch_cfg.max_wait.is_zero() && !self.waiting.is_empty() {
                 let until = Instant::now() + batch_cfg.max_wait;
                 while waiting_rows(&self.waiting) < batch_cfg.max_batch && !self.stop.is_cancelled()
@@ -215,10 +216,8 @@ impl Pipeline {
                         break;
                     }
                     let need = batch_cfg.max_batch - waiting_rows(&self.waiting);
-                    let got = self
-                        .read(need, Some((left.as_millis() as u64).max(1)))
-                        .await?;
-                    self.intake(got).await;
+                    let (got, taken) = self.read(need, Some((left.as_millis() as u64).max(1))).await?;
+                    self.intake(got, taken).await;
                 }
             }
         }
@@ -230,24 +229,55 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn read(
-        &mut self,
-        count: usize,
-        block: Option<u64>,
-    ) -> Result<Vec<Delivery>, QueueError> {
+    /// Takes up to `count` new jobs (marked running as they are taken); with `block`,
+    /// waits that long for one to arrive when none waits.
+    /// Returns the entries and when they were taken (their `started_ms`).
+    async fn read(&mut self, count: usize, block: Option<u64>) -> Result<(Vec<Delivery>, Option<u64>), QueueError> {
+        let stop = self.stop.clone();
+        let (keys, consumer) = (Arc::clone(&self.keys), self.cfg.consumer.clone());
         let reader = &mut self.reader;
-        let read = consume::read_new(reader, &self.keys, &self.cfg.consumer, count, block);
-        tokio::select! {
-            () = self.stop.cancelled() => Ok(Vec::new()),
-            r = read => r,
+        // Shutdown may cut short only the wait, which consumes nothing. A take, once
+        // sent, has put its entries in this consumer's pending list: its reply must be
+        // read and the jobs finished, or they sit there until another worker's claim.
+        let now = crate::now_ms();
+        let last = match consume::take(reader, &keys, &consumer, count, now).await? {
+            Taken::Entries(list) => return Ok((list, Some(now))),
+            Taken::Empty(last) => last,
+        };
+        let arrived = match block {
+            Some(ms) => tokio::select! {
+                () = stop.cancelled() => false,
+                r = consume::wait_new(reader, &keys, &last, ms) => r?,
+            },
+            None => false,
+        };
+        if !arrived || stop.is_cancelled() {
+            return Ok((Vec::new(), None));
+        }
+        let now = crate::now_ms();
+        match consume::take(reader, &keys, &consumer, count, now).await? {
+            Taken::Entries(list) => Ok((list, Some(now))),
+            Taken::Empty(_) => Ok((Vec::new(), None)),
         }
     }
 
     /// Checks each delivery; good jobs join `waiting`, the rest are answered at once.
-    async fn intake(&mut self, deliveries: Vec<Delivery>) {
+    /// `taken_ms`: when the deliveries were taken by [`consume::take`], which already
+    /// marked them running; `None` for own-pending and reclaimed entries.
+    async fn intake(&mut self, deliveries: Vec<Delivery>, taken_ms: Option<u64>) {
         let mut answered = Vec::new();
         for d in deliveries {
-            if let Some(t) = self.check(d).await {
+            // Every log line about this job carries its model and id (recorded once
+            // the entry is parsed). A debug span: at info level an enabled span per job
+            // costs the fmt layer about a microsecond, so it is on when debugging only;
+            // warnings and errors name the job themselves.
+            let span = tracing::debug_span!(
+                "job",
+                model = self.keys.model(),
+                entry = %d.entry_id,
+                id = tracing::field::Empty
+            );
+            if let Some(t) = self.check(d, taken_ms).instrument(span).await {
                 answered.push(t);
             }
         }
@@ -264,13 +294,15 @@ impl Pipeline {
 
     /// Turns a delivery into a ready job, or into its terminal answer, or (retryable
     /// trouble) into nothing: it stays pending and is reclaimed later.
-    async fn check(&mut self, d: Delivery) -> Option<Terminal> {
+    async fn check(&mut self, d: Delivery, taken_ms: Option<u64>) -> Option<Terminal> {
         let model = self.keys.model().to_owned();
         let mut info = JobInfo {
             entry_id: d.entry_id.clone(),
             model,
             attempts: d.deliveries,
             enqueued_ms: d.enqueued_ms(),
+            started_ms: taken_ms,
+            marked: taken_ms.is_some(),
             ..JobInfo::default()
         };
         let Some(fields) = d.fields else {
@@ -280,6 +312,9 @@ impl Pipeline {
             match JobEntry::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
                 Ok(e) => e,
                 Err(e) => {
+                    if let Some(id) = &e.id {
+                        tracing::Span::current().record("id", id.as_str());
+                    }
                     info.job_id = e.id.clone();
                     let end = if e.id.is_some() {
                         End::Failed("invalid", format!("bad job entry: {}", e.error))
@@ -289,6 +324,7 @@ impl Pipeline {
                     return Some(terminal(&info, end));
                 }
             };
+        tracing::Span::current().record("id", entry.id.as_str());
         info.job_id = Some(entry.id.clone());
         info.version = entry.version;
         match entry.reply_to.as_deref() {
@@ -314,10 +350,6 @@ impl Pipeline {
                     || "the worker handling it stopped or timed out each time".into()
                 )
             );
-            metrics()
-                .jobs_dead_lettered
-                .with_label_values(&[self.keys.model()])
-                .inc();
             return Some(terminal(&info, End::DeadLetter(why, fields)));
         }
         if entry.deadline_ms.is_some_and(|dl| dl < crate::now_ms()) {
@@ -414,38 +446,30 @@ impl Pipeline {
         m.batch_jobs
             .with_label_values(&[name])
             .observe(batch.len() as f64);
-        let running: Vec<(String, String, u64, u32, Option<String>)> = batch
-            .iter_mut()
-            .map(|j| {
-                j.info.started_ms = Some(started_ms);
-                m.queue_wait
-                    .with_label_values(&[name])
-                    .observe(started_ms.saturating_sub(j.info.enqueued_ms) as f64 / 1000.0);
-                (
-                    j.info.entry_id.clone(),
-                    j.info.job_id.clone().unwrap_or_default(),
-                    model.version,
-                    j.info.attempts,
-                    j.info.reply_to.clone(),
-                )
-            })
-            .collect();
-        let (mut writer, keys) = (self.writer.clone(), Arc::clone(&self.keys));
-        tokio::spawn(async move {
-            let started: Vec<Started<'_>> = running
-                .iter()
-                .map(|(e, j, v, a, r)| Started {
-                    entry_id: e,
-                    job_id: j,
-                    version: *v,
-                    attempts: *a,
-                    reply_to: r.as_deref(),
-                })
-                .collect();
-            if let Err(e) = consume::mark_running(&mut writer, &keys, started_ms, &started).await {
-                tracing::debug!(error = %e, "running mark not written");
+        // Jobs taken from the stream were marked running as they were taken; own
+        // pending and reclaimed ones get their mark now, sent without waiting.
+        let queue_wait = m.queue_wait.with_label_values(&[name]);
+        let mut running: Vec<(String, String, u64, u32, Option<String>)> = Vec::new();
+        for j in &mut batch {
+            let started = *j.info.started_ms.get_or_insert(started_ms);
+            queue_wait.observe(started.saturating_sub(j.info.enqueued_ms) as f64 / 1000.0);
+            if !j.info.marked {
+                let id = j.info.job_id.clone().unwrap_or_default();
+                running.push((j.info.entry_id.clone(), id, model.version, j.info.attempts, j.info.reply_to.clone()));
             }
-        });
+        }
+        if !running.is_empty() {
+            let (mut writer, keys) = (self.writer.clone(), Arc::clone(&self.keys));
+            tokio::spawn(async move {
+                let started: Vec<Started<'_>> = running
+                    .iter()
+                    .map(|(e, j, v, a, r)| Started { entry_id: e, job_id: j, version: *v, attempts: *a, reply_to: r.as_deref() })
+                    .collect();
+                if let Err(e) = consume::mark_running(&mut writer, &keys, started_ms, &started).await {
+                    tracing::debug!(error = %e, "running mark not written");
+                }
+            });
+        }
         let inputs: Vec<Vec<Tensor>> = batch
             .iter_mut()
             .map(|j| std::mem::take(&mut j.inputs))
@@ -531,7 +555,7 @@ impl Pipeline {
                         deliveries: 0,
                     });
                     let all: Vec<Delivery> = r.entries.into_iter().chain(gone).collect();
-                    self.intake(all).await;
+                    self.intake(all, None).await;
                 }
                 Err(e) => tracing::warn!(model = self.keys.model(), error = %e, "reclaim failed"),
             }
@@ -609,30 +633,28 @@ async fn write_results(
     };
     let m = metrics();
     let now = crate::now_ms();
+    let end_to_end = m.end_to_end.with_label_values(&[keys.model()]);
+    let mut duplicates = 0;
     for (t, first) in terminals.iter().zip(written) {
+        let id = t.job_id.as_deref().unwrap_or_default();
         if !first {
-            m.duplicate_deliveries
-                .with_label_values(&[keys.model()])
-                .inc();
+            duplicates += 1;
+            tracing::debug!(model = keys.model(), id, "job already terminal (cancelled or a second delivery); acknowledged only");
             continue;
         }
-        let field = |name: &str| {
-            t.fields
-                .iter()
-                .find(|(f, _)| *f == name)
-                .map(|(_, v)| v.as_str())
-        };
-        m.jobs_finished
-            .with_label_values(&[
-                keys.model(),
-                field(job_field::VERSION).unwrap_or(""),
-                field(job_field::STATUS).unwrap_or(""),
-            ])
-            .inc();
-        if let Some(enqueued) = field(job_field::ENQUEUED_MS).and_then(|v| v.parse::<u64>().ok()) {
-            m.end_to_end
-                .with_label_values(&[keys.model()])
-                .observe(now.saturating_sub(enqueued) as f64 / 1000.0);
+        let status = t.status.as_str();
+        tracing::debug!(model = keys.model(), id, status, "job finished");
+        let version = t.version.map(|v| v.to_string()).unwrap_or_default();
+        m.jobs_finished.with_label_values(&[keys.model(), &version, status]).inc();
+        // Counted here, once the write is known to be the first: a dead letter of a
+        // job already terminal is no dead letter.
+        if !t.dead_letter.is_empty() {
+            m.jobs_dead_lettered.with_label_values(&[keys.model()]).inc();
         }
+        let enqueued = t.entry_id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()).unwrap_or(now);
+        end_to_end.observe(now.saturating_sub(enqueued) as f64 / 1000.0);
+    }
+    if duplicates > 0 {
+        m.duplicate_deliveries.with_label_values(&[keys.model()]).inc_by(duplicates);
     }
 }

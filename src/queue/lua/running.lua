@@ -10,19 +10,22 @@
 -- Returns the number of records marked.
 local marked = 0
 local terminal = {succeeded = true, failed = true, expired = true, cancelled = true}
+local index = {}
 for i = 2, #KEYS do
   local a = 3 + (i - 2) * 5
   local rec = KEYS[i]
-  redis.call('HSET', KEYS[1], ARGV[a], ARGV[a + 1])
-  local st = redis.call('HGET', rec, 'status')
-  if not terminal[st] then
+  index[#index + 1] = ARGV[a]
+  index[#index + 1] = ARGV[a + 1]
+  if not terminal[redis.call('HGET', rec, 'status')] then
     redis.call('HSET', rec, 'status', 'running', 'started_ms', ARGV[1], 'model', ARGV[2],
       'version', ARGV[a + 2], 'attempts', ARGV[a + 3])
-    redis.call('HSETNX', rec, 'enqueued_ms', string.match(ARGV[a], '^(%d+)'))
     if ARGV[a + 4] ~= '' then
-      redis.call('HSETNX', rec, 'reply_to', ARGV[a + 4])
+      redis.call('HSET', rec, 'reply_to', ARGV[a + 4])
     end
     marked = marked + 1
   end
+end
+if #index > 0 then
+  redis.call('HSET', KEYS[1], unpack(index))
 end
 return marked

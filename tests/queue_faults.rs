@@ -1,0 +1,875 @@
+//! Faults the queue must survive (RELIABILITY.md, "Faults and bad inputs"): workers
+//! killed, frozen, restarted or stopped mid-batch; a result written but never
+//! acknowledged; Redis killed and restarted; connections cut during blocking reads; a
+//! stream trimmed below its pending entries. Outcomes are assertions: one terminal
+//! result per job, one reply push, nothing left pending.
+//!
+//! Mid-batch faults use heavy-mlp (FP32 `[?, 256]`) jobs of 1,024 rows sent as `bin`:
+//! each takes about 100 ms of inference, so a worker holding four of them is still
+//! busy when the test stops or kills it right after seeing them in its pending list.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::queue::*;
+use common::{RedisOptions, RedisServer, Reference, TempRegistry, assert_outputs, unique_name};
+use inferq::protocol::job::JobEntry;
+use inferq::queue::Keys;
+use redis::aio::MultiplexedConnection;
+
+const WAIT: Duration = Duration::from_secs(30);
+const HEAVY_ROWS: usize = 1024;
+const HEAVY_JOBS: usize = 4;
+/// `claim_after` of workers that reclaim: above the ~0.4 s a worker needs for the
+/// four heavy jobs it takes at once (see `a_worker_busy_longer_than_claim_after_keeps_its_jobs`).
+const CLAIM_MS: &str = "1000";
+
+/// A Redis, a registry holding one demo model under a unique name, and a connection.
+struct Setup {
+    redis: RedisServer,
+    registry: TempRegistry,
+    model: String,
+    reference: Reference,
+    conn: MultiplexedConnection,
+}
+
+async fn setup(demo: &str, opts: RedisOptions) -> Setup {
+    let redis = RedisServer::with(opts);
+    let model = unique_name(demo);
+    let registry = TempRegistry::empty();
+    registry.add_as(demo, &model);
+    let conn = connect(&redis).await;
+    Setup {
+        redis,
+        registry,
+        model,
+        reference: Reference::load(demo),
+        conn,
+    }
+}
+
+impl Setup {
+    /// Starts a worker process and waits until it has served one job.
+    async fn worker(&mut self, consumer: &str, env: &[(&str, &str)]) -> WorkerProcess {
+        let w = WorkerProcess::spawn(&self.redis, self.registry.path(), consumer, env);
+        let row = cycled_inputs(&self.reference, 0, 1);
+        let warm =
+            tokio::time::timeout(WAIT, warm_up(&mut self.conn, &self.model, &row, WAIT)).await;
+        assert!(warm.is_ok(), "worker {consumer} never served:\n{}", w.log());
+        w
+    }
+
+    /// `HEAVY_JOBS` big jobs `<prefix>-<i>`, each with its own reply list, added in one
+    /// MULTI so a waiting worker takes them all in one read. Returns their ids.
+    async fn produce_heavy(&mut self, prefix: &str) -> Vec<String> {
+        let entries: Vec<JobEntry> = (0..HEAVY_JOBS)
+            .map(|i| {
+                let id = format!("{prefix}-{i}");
+                JobEntry {
+                    reply_to: Some(reply_key(&self.model, &id)),
+                    ..bin_job(&id, &cycled_inputs(&self.reference, i * 7, HEAVY_ROWS))
+                }
+            })
+            .collect();
+        produce_all(&mut self.conn, &self.model, &entries).await;
+        entries.into_iter().map(|e| e.id).collect()
+    }
+
+    /// Waits until consumer `who` holds `n` pending entries.
+    async fn held_by(&mut self, who: &str, n: usize) -> Vec<Pending> {
+        wait_pending(
+            &mut self.conn,
+            &self.model,
+            WAIT,
+            &format!("{n} entries held by {who}"),
+            |p| p.iter().filter(|e| e.consumer == who).count() >= n,
+        )
+        .await
+    }
+
+    /// The ids among `ids` whose record is not terminal yet.
+    async fn unfinished(&mut self, ids: &[String]) -> Vec<String> {
+        let recs = records(&mut self.conn, &self.model, ids).await;
+        ids.iter()
+            .zip(&recs)
+            .filter(|(_, r)| !is_terminal(r))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Checks that every heavy job succeeded with the reference outputs, was pushed to
+    /// its reply list exactly once, and that nothing is left pending.
+    async fn assert_heavy_done(&mut self, ids: &[String], recs: &[Record]) {
+        for (i, (id, rec)) in ids.iter().zip(recs).enumerate() {
+            assert_eq!(rec["status"], "succeeded", "{id}: {rec:?}");
+            let expected = cycled_outputs(&self.reference, i * 7, HEAVY_ROWS);
+            assert_outputs(&outputs_of(rec), &expected, id);
+            let pushed = list(&mut self.conn, &reply_key(&self.model, id)).await;
+            assert_eq!(pushed.len(), 1, "{id}: reply pushes");
+        }
+        wait_no_pending(&mut self.conn, &self.model, WAIT).await;
+    }
+}
+
+/// Fault 1: SIGKILL after the read, before any result: another worker reclaims every
+/// job after `claim_after`; one result each, the second delivery counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_nothing() {
+    let mut s = setup("heavy-mlp", RedisOptions::default()).await;
+    let claim = [("INFERQ_CLAIM_AFTER_MS", CLAIM_MS)];
+    let mut a = s.worker("a", &claim).await;
+    let ids = s.produce_heavy("k").await;
+    s.held_by("a", HEAVY_JOBS).await;
+    a.kill();
+    let unfinished = s.unfinished(&ids).await;
+    assert!(
+        !unfinished.is_empty(),
+        "a finished everything before the kill"
+    );
+    assert!(
+        pending(&mut s.conn, &s.model)
+            .await
+            .iter()
+            .all(|p| p.deliveries == 1),
+        "delivered once so far"
+    );
+
+    let b = WorkerProcess::spawn(&s.redis, s.registry.path(), "b", &claim);
+    // While b works, the pending list shows the reclaimed entries' second delivery.
+    let seen = wait_pending(&mut s.conn, &s.model, WAIT, "a second delivery to b", |p| {
+        p.iter().any(|e| e.consumer == "b" && e.deliveries == 2)
+    })
+    .await;
+    assert!(seen.iter().all(|e| e.deliveries == 2), "{seen:?}");
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    for (id, rec) in ids.iter().zip(&recs) {
+        let expected = if unfinished.contains(id) { 2 } else { 1 };
+        assert_eq!(attempts(rec), expected, "{id}: {rec:?}\n{}", b.log());
+    }
+    s.assert_heavy_done(&ids, &recs).await;
+}
+
+/// Fault 4: a worker restarted under the same consumer name finishes its own pending
+/// entries at once (no `claim_after` wait, here 60 s) and before any new job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_drains_its_own_pending_entries_first() {
+    let mut s = setup("heavy-mlp", RedisOptions::default()).await;
+    let env = [("INFERQ_CLAIM_AFTER_MS", "60000")];
+    let mut a = s.worker("w1", &env).await;
+    let ids = s.produce_heavy("own").await;
+    s.held_by("w1", HEAVY_JOBS).await;
+    a.kill();
+    let unfinished = s.unfinished(&ids).await;
+    assert!(
+        !unfinished.is_empty(),
+        "w1 finished everything before the kill"
+    );
+    // New work arrives while w1 is down.
+    let fresh: Vec<String> = (0..3).map(|i| format!("fresh-{i}")).collect();
+    for (i, id) in fresh.iter().enumerate() {
+        produce(
+            &mut s.conn,
+            &s.model,
+            id,
+            &cycled_inputs(&s.reference, i, 1),
+        )
+        .await;
+    }
+
+    let t0 = Instant::now();
+    let again = WorkerProcess::spawn(&s.redis, s.registry.path(), "w1", &env);
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "own pending entries waited for a claim: {:?}",
+        t0.elapsed()
+    );
+    for (id, rec) in ids.iter().zip(&recs) {
+        if unfinished.contains(id) {
+            assert_eq!(
+                attempts(rec),
+                2,
+                "{id}: the history re-read counts: {rec:?}"
+            );
+        }
+    }
+    let fresh_recs = wait_all_terminal(&mut s.conn, &s.model, &fresh, WAIT).await;
+    let own_last = unfinished
+        .iter()
+        .map(|id| {
+            ms(
+                &recs[ids.iter().position(|x| x == id).unwrap()],
+                "started_ms",
+            )
+        })
+        .max()
+        .unwrap();
+    for (id, rec) in fresh.iter().zip(&fresh_recs) {
+        assert_eq!(rec["status"], "succeeded", "{id}: {rec:?}");
+        assert!(
+            ms(rec, "started_ms") >= own_last,
+            "{id} started before the restarted worker's own pending jobs:\n{}",
+            again.log()
+        );
+    }
+    s.assert_heavy_done(&ids, &recs).await;
+}
+
+/// Fault 3: a worker frozen (SIGSTOP) past `claim_after` while another finishes its
+/// jobs, then resumed: its late writes find the jobs terminal and only acknowledge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_resumed_late_only_acknowledges() {
+    let mut s = setup("heavy-mlp", RedisOptions::default()).await;
+    let a = s.worker("a", &[("INFERQ_CLAIM_AFTER_MS", CLAIM_MS)]).await;
+    let duplicates = |a: &WorkerProcess, model: &str| {
+        let text = a
+            .metrics()
+            .unwrap_or_else(|| panic!("a's /metrics:\n{}", a.log()));
+        metric_in(&text, "inferq_duplicate_deliveries_total", model)
+    };
+    assert_eq!(duplicates(&a, &s.model), 0.0);
+    let ids = s.produce_heavy("z").await;
+    let held: Vec<String> = s
+        .held_by("a", HEAVY_JOBS)
+        .await
+        .into_iter()
+        .map(|p| p.entry_id)
+        .collect();
+    a.stop();
+    let unfinished = s.unfinished(&ids).await;
+    assert!(
+        !unfinished.is_empty(),
+        "a finished everything before it froze"
+    );
+
+    let mut cfg = worker_config(&s.model, "b");
+    cfg.queue.claim_after = Duration::from_millis(CLAIM_MS.parse().unwrap());
+    let b = start_worker(&s.redis, &s.registry, cfg).await;
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    wait_no_pending(&mut s.conn, &s.model, WAIT).await;
+    assert!(b.shutdown().await, "b drains");
+
+    // Every command from now on is logged, so a's late result scripts show.
+    for (k, v) in [
+        ("slowlog-log-slower-than", "0"),
+        ("slowlog-max-len", "100000"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut s.conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    a.cont();
+    let late: Vec<&String> = held
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| unfinished.contains(id))
+        .map(|(e, _)| e)
+        .collect();
+    let dlq = Keys::new(&s.model).dlq().to_owned();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // The result script is the one call that names the dead-letter stream.
+        let written: Vec<String> = finish_calls(&mut s.conn, &dlq).await;
+        if late
+            .iter()
+            .all(|e| written.iter().any(|call| call.contains(e.as_str())))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a never wrote its late results:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a's writes changed nothing: same records, one push each, nothing pending.
+    let after = records(&mut s.conn, &s.model, &ids).await;
+    assert_eq!(after, recs, "a late write overwrote a result");
+    for (id, rec) in ids.iter().zip(&recs) {
+        let expected = if unfinished.contains(id) { 2 } else { 1 };
+        assert_eq!(attempts(rec), expected, "{id}: {rec:?}");
+    }
+    s.assert_heavy_done(&ids, &recs).await;
+    // ... and a counted each as a duplicate delivery.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while duplicates(&a, &s.model) < unfinished.len() as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "a counted {} duplicates",
+            duplicates(&a, &s.model)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(duplicates(&a, &s.model), unfinished.len() as f64);
+}
+
+/// The arguments of every logged EVAL/EVALSHA that names `dlq_key` (the result
+/// script), one string per call.
+async fn finish_calls(conn: &mut MultiplexedConnection, dlq_key: &str) -> Vec<String> {
+    let log: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .unwrap();
+    log.iter()
+        .filter_map(|entry| match entry {
+            redis::Value::Array(parts) => match parts.get(3) {
+                Some(redis::Value::Array(args)) => Some(
+                    args.iter()
+                        .filter_map(|a| redis::from_redis_value::<String>(a.clone()).ok())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ),
+                _ => None,
+            },
+            _ => None,
+        })
+        .filter(|call| call.starts_with("EVAL") && call.contains(dlq_key))
+        .collect()
+}
+
+/// Fault 5: SIGTERM mid-batch: the worker stops reading, finishes and acknowledges
+/// what it holds within the drain deadline, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_batch_drains_and_exits_cleanly() {
+    let mut s = setup("heavy-mlp", RedisOptions::default()).await;
+    let mut a = s.worker("a", &[("INFERQ_DRAIN_TIMEOUT_MS", "10000")]).await;
+    let sigterm = a.arm("-TERM");
+    let ids = s.produce_heavy("t").await;
+    // The moment its read is served: the jobs are delivered, the reply (4 MB) still
+    // on its way to the worker.
+    s.held_by("a", HEAVY_JOBS).await;
+    let t0 = Instant::now();
+    sigterm.fire();
+    let late: Vec<String> = (0..2).map(|i| format!("late-{i}")).collect();
+    for (i, id) in late.iter().enumerate() {
+        produce(
+            &mut s.conn,
+            &s.model,
+            id,
+            &cycled_inputs(&s.reference, i, 1),
+        )
+        .await;
+    }
+    let status = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(12)));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit after SIGTERM:\n{}",
+        a.log()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let recs = records(&mut s.conn, &s.model, &ids).await;
+    println!("worker a:\n{}", a.log());
+    for (id, rec) in ids.iter().zip(&recs) {
+        assert_eq!(attempts(rec), 1, "{id}: {rec:?}");
+    }
+    s.assert_heavy_done(&ids, &recs).await;
+    // Jobs added after SIGTERM were never taken: the next worker gets them first.
+    let b = WorkerProcess::spawn(&s.redis, s.registry.path(), "b", &[]);
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &late, WAIT).await;
+    for rec in &recs {
+        assert_eq!(
+            (rec["status"].as_str(), attempts(rec)),
+            ("succeeded", 1),
+            "{rec:?}\n{}",
+            b.log()
+        );
+    }
+}
+
+/// Fault 5, past the deadline: the worker still exits 0 in time; what it could not
+/// finish stays pending and another worker completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_drain_deadline_leaves_the_rest_pending() {
+    let mut s = setup("heavy-mlp", RedisOptions::default()).await;
+    let env = [
+        ("INFERQ_DRAIN_TIMEOUT_MS", "150"),
+        ("INFERQ_CLAIM_AFTER_MS", CLAIM_MS),
+    ];
+    let mut a = s.worker("a", &env).await;
+    let ids = s.produce_heavy("d").await;
+    s.held_by("a", HEAVY_JOBS).await;
+    let t0 = Instant::now();
+    a.term();
+    let status = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(5)));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit after SIGTERM:\n{}",
+        a.log()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let left = s.unfinished(&ids).await;
+    assert!(
+        !left.is_empty(),
+        "a finished 4 heavy jobs within a 150 ms drain"
+    );
+    let held = pending(&mut s.conn, &s.model).await;
+    assert_eq!(
+        held.len(),
+        left.len(),
+        "unfinished jobs stay pending: {held:?}"
+    );
+    assert!(held.iter().all(|p| p.consumer == "a"), "{held:?}");
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(Keys::new(&s.model).jobs())
+        .arg(inferq::queue::GROUP)
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    assert!(
+        format!("{consumers:?}").contains("\"a\""),
+        "a consumer with pending entries was deleted"
+    );
+
+    let _b = WorkerProcess::spawn(&s.redis, s.registry.path(), "b", &env);
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    for (id, rec) in ids.iter().zip(&recs) {
+        let expected = if left.contains(id) { 2 } else { 1 };
+        assert_eq!(attempts(rec), expected, "{id}: {rec:?}");
+    }
+    s.assert_heavy_done(&ids, &recs).await;
+}
+
+/// Fault 2: the worker died after writing a result but before acknowledging it. The
+/// next delivery finds the job terminal: it only acknowledges, the result stays, no
+/// second push, no second completion count; a duplicate is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_written_but_not_acknowledged_is_only_acknowledged_later() {
+    let mut s = setup("tutorial-rf", RedisOptions::default()).await;
+    let keys = Keys::new(&s.model);
+    let reply = reply_key(&s.model, "done-once");
+    let job = JobEntry {
+        reply_to: Some(reply.clone()),
+        ..json_job("done-once", &cycled_inputs(&s.reference, 3, 1))
+    };
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys.jobs())
+        .arg(inferq::queue::GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    produce_entry(&mut s.conn, &s.model, &job).await;
+    // The dead worker's part: it read the entry and ran the finish script's writes,
+    // then died before the acknowledgement.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(inferq::queue::GROUP)
+        .arg("dead")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(keys.jobs())
+        .arg(">")
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    let first = r#"{"model_name":"first","model_version":"1","id":"done-once","outputs":[]}"#;
+    let now = inferq::now_ms().to_string();
+    let _: () = redis::cmd("HSET")
+        .arg(keys.job("done-once"))
+        .arg(&[
+            ("status", "succeeded"),
+            ("model", s.model.as_str()),
+            ("version", "1"),
+        ])
+        .arg(&[("attempts", "1")])
+        .arg(&[("finished_ms", now.as_str()), ("outputs", first)])
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg(&reply)
+        .arg(r#"{"id":"done-once","status":"succeeded"}"#)
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    let before = record(&mut s.conn, &s.model, "done-once").await;
+    assert_eq!(pending(&mut s.conn, &s.model).await.len(), 1);
+
+    let mut cfg = worker_config(&s.model, "w");
+    cfg.queue.claim_after = Duration::from_millis(300);
+    let worker = start_worker(&s.redis, &s.registry, cfg).await;
+    produce(
+        &mut s.conn,
+        &s.model,
+        "other",
+        &cycled_inputs(&s.reference, 4, 1),
+    )
+    .await;
+    wait_no_pending(&mut s.conn, &s.model, WAIT).await;
+    assert_eq!(
+        wait_terminal(&mut s.conn, &s.model, "other", WAIT).await["status"],
+        "succeeded"
+    );
+    assert!(worker.shutdown().await);
+
+    assert_eq!(
+        record(&mut s.conn, &s.model, "done-once").await,
+        before,
+        "the result changed"
+    );
+    assert_eq!(
+        list(&mut s.conn, &reply).await.len(),
+        1,
+        "a second reply was pushed"
+    );
+    assert_eq!(metric("inferq_duplicate_deliveries_total", &s.model), 1.0);
+    assert_eq!(
+        metric("inferq_jobs_finished_total", &s.model),
+        1.0,
+        "only `other` counts as finished"
+    );
+}
+
+/// Fault 17: the stream trimmed (XTRIM MAXLEN 0) below entries a frozen worker holds:
+/// the reclaiming worker answers each lost job `failed`/`lost` and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_trimmed_away_while_pending_are_answered_as_lost() {
+    let mut s = setup("heavy-mlp", RedisOptions::default()).await;
+    let a = s.worker("a", &[("INFERQ_CLAIM_AFTER_MS", CLAIM_MS)]).await;
+    let ids = s.produce_heavy("lost").await;
+    s.held_by("a", HEAVY_JOBS).await;
+    a.stop();
+    let unfinished = s.unfinished(&ids).await;
+    assert!(
+        !unfinished.is_empty(),
+        "a finished everything before it froze"
+    );
+    let trimmed: u64 = redis::cmd("XTRIM")
+        .arg(Keys::new(&s.model).jobs())
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    assert!(trimmed >= HEAVY_JOBS as u64, "trimmed {trimmed}");
+
+    let mut cfg = worker_config(&s.model, "b");
+    cfg.queue.claim_after = Duration::from_millis(CLAIM_MS.parse().unwrap());
+    let b = start_worker(&s.redis, &s.registry, cfg).await;
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &unfinished, WAIT).await;
+    for (id, rec) in unfinished.iter().zip(&recs) {
+        assert_eq!(rec["status"], "failed", "{id}: {rec:?}");
+        assert_eq!(rec["error_kind"], "lost", "{id}: {rec:?}");
+        assert!(rec["error"].contains("vanished"), "{id}: {rec:?}");
+        let pushed = list(&mut s.conn, &reply_key(&s.model, id)).await;
+        assert_eq!(
+            pushed.len(),
+            1,
+            "{id}: the producer hears about the loss once"
+        );
+    }
+    assert_eq!(
+        metric("inferq_jobs_lost_total", &s.model),
+        unfinished.len() as f64
+    );
+    wait_no_pending(&mut s.conn, &s.model, WAIT).await;
+    assert!(b.shutdown().await);
+    drop(a);
+}
+
+/// Fault 13: connections cut (`CLIENT KILL TYPE normal`) while the worker blocks on
+/// the stream: every job still completes once. An entry delivered into a reply that
+/// never arrived stays in the consumer's pending list and comes back through the
+/// reclaim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_during_blocking_reads_lose_no_job() {
+    let mut s = setup("tutorial-rf", RedisOptions::default()).await;
+    let mut cfg = worker_config(&s.model, "w");
+    cfg.queue.claim_after = Duration::from_millis(400);
+    let worker = start_worker(&s.redis, &s.registry, cfg).await;
+    warm_up(
+        &mut s.conn,
+        &s.model,
+        &cycled_inputs(&s.reference, 0, 1),
+        WAIT,
+    )
+    .await;
+
+    // A delivery whose reply is lost: the entry is read under the worker's consumer
+    // name (here by us, inside the transaction that adds it, so the worker cannot
+    // take it first) and the reply never reaches the worker.
+    let keys = Keys::new(&s.model);
+    let mut tx = redis::pipe();
+    tx.atomic()
+        .add_command(entry_cmd(
+            &s.model,
+            &json_job("unheard", &cycled_inputs(&s.reference, 1, 1)),
+        ))
+        .cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(inferq::queue::GROUP)
+        .arg("w")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(keys.jobs())
+        .arg(">");
+    let _: (String, redis::Value) = tx.query_async(&mut s.conn).await.unwrap();
+    let rec = wait_terminal(&mut s.conn, &s.model, "unheard", WAIT).await;
+    assert_eq!(rec["status"], "succeeded", "{rec:?}");
+    assert_eq!(
+        attempts(&rec),
+        2,
+        "it came back from the pending list: {rec:?}"
+    );
+    assert_outputs(&outputs_of(&rec), &s.reference.output_rows(1..2), "unheard");
+
+    // The kill right behind the job, in one pipeline, while the worker blocks: Redis
+    // serves the blocked read after the XADD, then frees the client before its reply
+    // is written.
+    for round in 0..3 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut s.conn)
+                .await
+                .unwrap();
+            let blocked = |l: &str| {
+                l.split_whitespace()
+                    .any(|f| f.strip_prefix("flags=").is_some_and(|f| f.contains('b')))
+            };
+            if clients.lines().any(blocked) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the worker never blocked on the stream:\n{clients}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let id = format!("cut-{round}");
+        let mut pipe = redis::pipe();
+        pipe.add_command(entry_cmd(
+            &s.model,
+            &json_job(&id, &cycled_inputs(&s.reference, round, 1)),
+        ));
+        pipe.cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal");
+        let _: (String, u64) = pipe.query_async(&mut s.conn).await.unwrap();
+        let rec = wait_terminal(&mut s.conn, &s.model, &id, WAIT).await;
+        assert_eq!(rec["status"], "succeeded", "{rec:?}");
+        assert_outputs(
+            &outputs_of(&rec),
+            &s.reference.output_rows(round..round + 1),
+            &id,
+        );
+    }
+
+    // A storm: every connection but ours killed every 30 ms while 300 jobs flow.
+    let reply = reply_key(&s.model, "storm");
+    let ids: Vec<String> = (0..300).map(|i| format!("storm-{i}")).collect();
+    // Our own connection sends the kills (CLIENT KILL skips the caller), so it stays.
+    for (n, chunk) in ids.chunks(20).enumerate() {
+        let mut pipe = redis::pipe();
+        for (i, id) in chunk.iter().enumerate() {
+            let job = JobEntry {
+                reply_to: Some(reply.clone()),
+                ..json_job(id, &cycled_inputs(&s.reference, n * 20 + i, 1))
+            };
+            pipe.add_command(entry_cmd(&s.model, &job));
+        }
+        let _: Vec<String> = pipe.query_async(&mut s.conn).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let _: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut s.conn)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    for (i, (id, rec)) in ids.iter().zip(&recs).enumerate() {
+        assert_eq!(rec["status"], "succeeded", "{id}: {rec:?}");
+        assert_outputs(
+            &outputs_of(rec),
+            &s.reference.output_rows(i % 32..i % 32 + 1),
+            id,
+        );
+    }
+    let mut pushes: HashMap<String, usize> = HashMap::new();
+    for id in reply_ids(&mut s.conn, &reply).await {
+        *pushes.entry(id).or_default() += 1;
+    }
+    assert_eq!(pushes.len(), ids.len(), "every job pushed");
+    assert!(
+        pushes.values().all(|&n| n == 1),
+        "a job pushed twice: {pushes:?}"
+    );
+    wait_no_pending(&mut s.conn, &s.model, WAIT).await;
+    assert!(worker.shutdown().await);
+}
+
+/// Fault 10: Redis (AOF, `appendfsync always`) SIGKILLed and restarted while two
+/// worker processes run and a producer writes: every job whose XADD was acknowledged
+/// ends with exactly one result; workers reconnect on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_run_loses_no_acknowledged_job() {
+    let mut s = setup(
+        "tutorial-rf",
+        RedisOptions {
+            aof: true,
+            ..RedisOptions::default()
+        },
+    )
+    .await;
+    let env = [("INFERQ_CLAIM_AFTER_MS", "800")];
+    let a = s.worker("a", &env).await;
+    let b = s.worker("b", &env).await;
+    let reply = reply_key(&s.model, "p");
+    let (model, reference, redis_client) = (s.model.clone(), s.reference.clone(), s.redis.client());
+
+    let producer = tokio::spawn(async move {
+        let cfg =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5)));
+        let mut conn = None;
+        let (mut acked, mut unsure) = (Vec::new(), Vec::new());
+        for n in 0..150 {
+            let ids: Vec<String> = (0..10).map(|i| format!("j-{}", n * 10 + i)).collect();
+            let mut pipe = redis::pipe();
+            for (i, id) in ids.iter().enumerate() {
+                let job = JobEntry {
+                    reply_to: Some(reply.clone()),
+                    ..json_job(id, &cycled_inputs(&reference, n * 10 + i, 1))
+                };
+                pipe.add_command(entry_cmd(&model, &job));
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            if conn.is_none() {
+                while conn.is_none() {
+                    conn = redis_client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await
+                        .ok();
+                    assert!(Instant::now() < deadline, "Redis never came back");
+                    if conn.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            let c = conn.as_mut().expect("connected above");
+            match pipe.query_async::<Vec<String>>(c).await {
+                Ok(_) => acked.extend(ids),
+                Err(_) => {
+                    unsure.extend(ids);
+                    conn = None;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+        (acked, unsure)
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| s.redis.restart());
+    let (acked, unsure) = producer.await.unwrap();
+    let mut conn = connect(&s.redis).await;
+    println!(
+        "{} jobs acknowledged, {} unsure across the crash",
+        acked.len(),
+        unsure.len()
+    );
+    assert!(
+        acked.len() >= 1000,
+        "the producer mostly ran after the restart"
+    );
+
+    let recs = tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_all_terminal(&mut conn, &s.model, &acked, WAIT),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("jobs not finished\na:\n{}\nb:\n{}", a.log(), b.log()));
+    for (id, rec) in acked.iter().zip(&recs) {
+        assert_eq!(rec["status"], "succeeded", "{id}: {rec:?}");
+        let i: usize = id[2..].parse().unwrap();
+        assert_outputs(
+            &outputs_of(rec),
+            &s.reference.output_rows(i % 32..i % 32 + 1),
+            id,
+        );
+    }
+    wait_no_pending(&mut conn, &s.model, WAIT).await;
+    let mut pushes: HashMap<String, usize> = HashMap::new();
+    for id in reply_ids(&mut conn, &reply_key(&s.model, "p")).await {
+        *pushes.entry(id).or_default() += 1;
+    }
+    for id in &acked {
+        assert_eq!(pushes.get(id), Some(&1), "{id}: reply pushes");
+    }
+    assert!(
+        pushes.values().all(|&n| n == 1),
+        "a job has two visible results"
+    );
+    assert!(
+        pushes
+            .keys()
+            .all(|id| acked.contains(id) || unsure.contains(id)),
+        "a result for a job never submitted"
+    );
+}
+
+/// A worker that took more work at once than it finishes within `claim_after` (here
+/// eight heavy jobs, ~0.8 s, against 400 ms) must not reclaim its own jobs from
+/// itself: each job is delivered and computed once, nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_busy_longer_than_claim_after_keeps_its_jobs() {
+    let mut s = setup("heavy-mlp", RedisOptions::default()).await;
+    let mut ids = s.produce_heavy("busy").await;
+    ids.extend(s.produce_heavy("busier").await);
+    let mut cfg = worker_config(&s.model, "w");
+    cfg.queue.claim_after = Duration::from_millis(400);
+    let worker = start_worker(&s.redis, &s.registry, cfg).await;
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    let attempts: Vec<u32> = recs.iter().map(attempts).collect();
+    let statuses: Vec<&str> = recs.iter().map(|r| r["status"].as_str()).collect();
+    wait_no_pending(&mut s.conn, &s.model, WAIT).await;
+    assert!(worker.shutdown().await);
+    println!(
+        "attempts {attempts:?}, statuses {statuses:?}, duplicates {}, dead-lettered {}, rows inferred {}",
+        metric("inferq_duplicate_deliveries_total", &s.model),
+        metric("inferq_jobs_dead_lettered_total", &s.model),
+        metric("inferq_rows_inferred_total", &s.model),
+    );
+    assert!(
+        statuses.iter().all(|s| *s == "succeeded"),
+        "statuses {statuses:?}"
+    );
+    assert!(attempts.iter().all(|&a| a == 1), "attempts {attempts:?}");
+    assert_eq!(metric("inferq_duplicate_deliveries_total", &s.model), 0.0);
+    assert_eq!(
+        metric("inferq_rows_inferred_total", &s.model),
+        (ids.len() * HEAVY_ROWS) as f64,
+        "each job computed once"
+    );
+}
