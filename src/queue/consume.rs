@@ -77,51 +77,6 @@ pub async fn read_new(
     Ok(out)
 }
 
-/// What [`take`] found.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Taken {
-    /// New entries, now pending for this consumer, their jobs marked running.
-    Entries(Vec<Delivery>),
-    /// Nothing waits; the stream's last entry id, to block on with [`wait_new`].
-    Empty(String),
-}
-
-/// Takes up to `count` new entries and marks their jobs running, in one script (no
-/// per-job arguments travel, and no job is delivered without its running mark).
-pub async fn take(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize, started_ms: u64) -> Result<Taken, QueueError> {
-    let count = count.max(1).to_string();
-    let started = started_ms.to_string();
-    let prefix = keys.job("");
-    let args: [&[u8]; 6] = [GROUP.as_bytes(), consumer.as_bytes(), count.as_bytes(), started.as_bytes(), prefix.as_bytes(), keys.model().as_bytes()];
-    let reply = scripts().take.run(conn, &[keys.jobs(), keys.inflight()], &args, "take new jobs").await?;
-    let Value::Array(parts) = reply else { return Err(QueueError::Protocol("take new jobs")) };
-    match (parts.first().and_then(int), parts.get(1)) {
-        (Some(1), Some(Value::Array(entries))) => {
-            let list: Option<Vec<Delivery>> = entries.iter().map(parse_entry).collect();
-            list.map(Taken::Entries).ok_or(QueueError::Protocol("take new jobs"))
-        }
-        (Some(0), Some(last)) => Ok(Taken::Empty(text(last).unwrap_or_else(|| "0-0".into()))),
-        _ => Err(QueueError::Protocol("take new jobs")),
-    }
-}
-
-/// Blocks up to `block_ms` until the stream has an entry after `after` (without
-/// consuming it); true when one arrived.
-pub async fn wait_new(conn: &mut Conn, keys: &Keys, after: &str, block_ms: u64) -> Result<bool, QueueError> {
-    let reply: Value = redis::cmd("XREAD")
-        .arg("COUNT")
-        .arg(1)
-        .arg("BLOCK")
-        .arg(block_ms.max(1))
-        .arg("STREAMS")
-        .arg(keys.jobs())
-        .arg(after)
-        .query_async(conn)
-        .await
-        .map_err(QueueError::redis("wait for new jobs"))?;
-    Ok(!matches!(reply, Value::Nil))
-}
-
 /// Reads this consumer's own pending entries after `after` (`0` first), with their
 /// delivery counts: what a restarted worker must finish before taking new work.
 pub async fn read_own_pending(
@@ -328,7 +283,13 @@ pub struct Terminal {
 /// Writes a batch of terminal results, first writer wins, and acknowledges every
 /// entry; returns, per result, whether this call turned the job terminal (false: it
 /// already was, a duplicate delivery). Safe to call again with the same results.
-pub async fn finish(conn: &mut Conn, keys: &Keys, ttl_s: u64, dlq_min_id: &str, results: &[Terminal]) -> Result<Vec<bool>, QueueError> {
+pub async fn finish(
+    conn: &mut Conn,
+    keys: &Keys,
+    ttl_s: u64,
+    dlq_min_id: &str,
+    results: &[Terminal],
+) -> Result<Vec<bool>, QueueError> {
     if results.is_empty() {
         return Ok(Vec::new());
     }
@@ -337,10 +298,21 @@ pub async fn finish(conn: &mut Conn, keys: &Keys, ttl_s: u64, dlq_min_id: &str, 
     for r in results {
         // An id-less entry has no record: a throwaway key in the slot stands in for it.
         let rec = keys.job(r.job_id.as_deref().unwrap_or("-"));
-        owned_keys.push(r.reply_to.clone().filter(|_| r.reply_json.is_some()).unwrap_or_else(|| rec.clone()));
+        owned_keys.push(
+            r.reply_to
+                .clone()
+                .filter(|_| r.reply_json.is_some())
+                .unwrap_or_else(|| rec.clone()),
+        );
         owned_keys.push(rec);
         let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-        numbers.push([opt(r.version), r.attempts.to_string(), opt(r.started_ms), r.finished_ms.to_string(), r.dead_letter.len().to_string()]);
+        numbers.push([
+            opt(r.version),
+            r.attempts.to_string(),
+            opt(r.started_ms),
+            r.finished_ms.to_string(),
+            r.dead_letter.len().to_string(),
+        ]);
     }
     let mut key_refs: Vec<&str> = vec![keys.jobs(), keys.dlq(), keys.inflight()];
     for pair in owned_keys.chunks_exact(2) {
@@ -348,7 +320,13 @@ pub async fn finish(conn: &mut Conn, keys: &Keys, ttl_s: u64, dlq_min_id: &str, 
         key_refs.push(&pair[0]);
     }
     let ttl = ttl_s.to_string();
-    let mut args: Vec<&[u8]> = vec![super::GROUP.as_bytes(), ttl.as_bytes(), keys.done().as_bytes(), dlq_min_id.as_bytes(), keys.model().as_bytes()];
+    let mut args: Vec<&[u8]> = vec![
+        super::GROUP.as_bytes(),
+        ttl.as_bytes(),
+        keys.done().as_bytes(),
+        dlq_min_id.as_bytes(),
+        keys.model().as_bytes(),
+    ];
     for (r, [version, attempts, started, finished, d]) in results.iter().zip(&numbers) {
         args.extend([
             r.entry_id.as_bytes(),
@@ -368,8 +346,14 @@ pub async fn finish(conn: &mut Conn, keys: &Keys, ttl_s: u64, dlq_min_id: &str, 
             args.push(v);
         }
     }
-    match scripts().finish.run(conn, &key_refs, &args, "write results").await? {
-        Value::Array(flags) if flags.len() == results.len() => Ok(flags.iter().map(|f| int(f) == Some(1)).collect()),
+    match scripts()
+        .finish
+        .run(conn, &key_refs, &args, "write results")
+        .await?
+    {
+        Value::Array(flags) if flags.len() == results.len() => {
+            Ok(flags.iter().map(|f| int(f) == Some(1)).collect())
+        }
         _ => Err(QueueError::Protocol("write results")),
     }
 }

@@ -20,8 +20,6 @@ pub(crate) struct JobInfo {
     pub(crate) reply_to: Option<String>,
     pub(crate) enqueued_ms: u64,
     pub(crate) started_ms: Option<u64>,
-    /// True when the running mark was written as the entry was taken.
-    pub(crate) marked: bool,
 }
 
 /// How a job ended.
@@ -48,15 +46,22 @@ pub(crate) fn terminal(job: &JobInfo, end: End) -> Terminal {
                 id: job.job_id.clone().unwrap_or_default(),
                 outputs: outputs.into_iter().map(OutputTensor::from).collect(),
             };
-            let json = serde_json::to_string(&response).expect("outputs always serialize, this is a bug");
+            let json =
+                serde_json::to_string(&response).expect("outputs always serialize, this is a bug");
             (Status::Succeeded, json, None, Vec::new())
         }
         End::Failed(kind, message) => (Status::Failed, message, Some(kind), Vec::new()),
         End::Expired(message) => (Status::Expired, message, Some("expired"), Vec::new()),
         End::DeadLetter(message, entry) => {
-            let mut dead: Vec<(String, Vec<u8>)> = entry.into_iter().map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v)).collect();
+            let mut dead: Vec<(String, Vec<u8>)> = entry
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+                .collect();
             dead.push((dead_field::ERROR.into(), message.clone().into_bytes()));
-            dead.push((dead_field::ATTEMPTS.into(), job.attempts.to_string().into_bytes()));
+            dead.push((
+                dead_field::ATTEMPTS.into(),
+                job.attempts.to_string().into_bytes(),
+            ));
             dead.push((dead_field::ENTRY.into(), job.entry_id.clone().into_bytes()));
             (Status::Failed, message, Some("dead_lettered"), dead)
         }
@@ -72,7 +77,11 @@ pub(crate) fn terminal(job: &JobInfo, end: End) -> Terminal {
             started_ms: job.started_ms,
             finished_ms: Some(finished_ms),
             attempts: job.attempts,
-            outputs: if succeeded { RawValue::from_string(body.clone()).ok() } else { None },
+            outputs: if succeeded {
+                RawValue::from_string(body.clone()).ok()
+            } else {
+                None
+            },
             error: (!succeeded).then(|| body.clone()),
             error_kind: error_kind.map(str::to_owned),
             dead_lettered: !dead_letter.is_empty(),

@@ -18,7 +18,7 @@ use crate::error::Retry;
 use crate::metrics::metrics;
 use crate::protocol::job::{JobEntry, Payload};
 use crate::protocol::{DecodeError, Tensor, binary, oip};
-use crate::queue::consume::{self, Delivery, Started, Taken, Terminal};
+use crate::queue::consume::{self, Delivery, Started, Terminal};
 use crate::queue::{Conn, Keys, QueueError, dlq, janitor};
 use crate::registry::RegistryCache;
 use crate::runtime::{InferPool, InvalidInput, RuntimeError};
@@ -27,6 +27,9 @@ use crate::shutdown::Backoff;
 /// How long a read blocks when nothing is waiting (then the loop checks for shutdown
 /// and housekeeping).
 const BLOCK_MS: u64 = 1000;
+
+/// A batch still running after this long gets its jobs marked `running`.
+const RUNNING_MARK_AFTER: Duration = Duration::from_millis(20);
 
 /// Response timeout of a reader connection: a blocking read plus a margin, so a
 /// silent (blackholed) connection is detected and replaced.
@@ -166,7 +169,7 @@ impl Pipeline {
                         jobs = list.len(),
                         "resuming own pending jobs"
                     );
-                    self.intake(list, None).await;
+                    self.intake(list).await;
                     while !self.waiting.is_empty() {
                         let pool = self.pool.clone();
                         let Ok(slot) = pool.reserve().await else {
@@ -205,8 +208,8 @@ impl Pipeline {
             .saturating_sub(waiting_rows(&self.waiting));
         if need > 0 {
             let block = self.waiting.is_empty().then_some(BLOCK_MS);
-            let (got, taken) = self.read(need, block).await?;
-            self.intake(got, taken).await;
+            let got = self.read(need, block).await?;
+            self.intake(got).await;
             if !batch_cfg.max_wait.is_zero() && !self.waiting.is_empty() {
                 let until = Instant::now() + batch_cfg.max_wait;
                 while waiting_rows(&self.waiting) < batch_cfg.max_batch && !self.stop.is_cancelled()
@@ -216,8 +219,10 @@ impl Pipeline {
                         break;
                     }
                     let need = batch_cfg.max_batch - waiting_rows(&self.waiting);
-                    let (got, taken) = self.read(need, Some((left.as_millis() as u64).max(1))).await?;
-                    self.intake(got, taken).await;
+                    let got = self
+                        .read(need, Some((left.as_millis() as u64).max(1)))
+                        .await?;
+                    self.intake(got).await;
                 }
             }
         }
@@ -229,42 +234,26 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Takes up to `count` new jobs (marked running as they are taken); with `block`,
-    /// waits that long for one to arrive when none waits.
-    /// Returns the entries and when they were taken (their `started_ms`).
-    async fn read(&mut self, count: usize, block: Option<u64>) -> Result<(Vec<Delivery>, Option<u64>), QueueError> {
-        let stop = self.stop.clone();
-        let (keys, consumer) = (Arc::clone(&self.keys), self.cfg.consumer.clone());
-        let reader = &mut self.reader;
-        // Shutdown may cut short only the wait, which consumes nothing. A take, once
-        // sent, has put its entries in this consumer's pending list: its reply must be
-        // read and the jobs finished, or they sit there until another worker's claim.
-        let now = crate::now_ms();
-        let last = match consume::take(reader, &keys, &consumer, count, now).await? {
-            Taken::Entries(list) => return Ok((list, Some(now))),
-            Taken::Empty(last) => last,
-        };
-        let arrived = match block {
-            Some(ms) => tokio::select! {
-                () = stop.cancelled() => false,
-                r = consume::wait_new(reader, &keys, &last, ms) => r?,
-            },
-            None => false,
-        };
-        if !arrived || stop.is_cancelled() {
-            return Ok((Vec::new(), None));
-        }
-        let now = crate::now_ms();
-        match consume::take(reader, &keys, &consumer, count, now).await? {
-            Taken::Entries(list) => Ok((list, Some(now))),
-            Taken::Empty(_) => Ok((Vec::new(), None)),
+    /// Reads up to `count` new jobs; with `block`, waits that long for one when none waits.
+    async fn read(
+        &mut self,
+        count: usize,
+        block: Option<u64>,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let read = consume::read_new(
+            &mut self.reader,
+            &self.keys,
+            &self.cfg.consumer,
+            count,
+            block,
+        );
+        tokio::select! {
+            () = self.stop.cancelled() => Ok(Vec::new()),
+            r = read => r,
         }
     }
 
-    /// Checks each delivery; good jobs join `waiting`, the rest are answered at once.
-    /// `taken_ms`: when the deliveries were taken by [`consume::take`], which already
-    /// marked them running; `None` for own-pending and reclaimed entries.
-    async fn intake(&mut self, deliveries: Vec<Delivery>, taken_ms: Option<u64>) {
+    async fn intake(&mut self, deliveries: Vec<Delivery>) {
         let mut answered = Vec::new();
         for d in deliveries {
             // Every log line about this job carries its model and id (recorded once
@@ -277,7 +266,7 @@ impl Pipeline {
                 entry = %d.entry_id,
                 id = tracing::field::Empty
             );
-            if let Some(t) = self.check(d, taken_ms).instrument(span).await {
+            if let Some(t) = self.check(d).instrument(span).await {
                 answered.push(t);
             }
         }
@@ -294,15 +283,13 @@ impl Pipeline {
 
     /// Turns a delivery into a ready job, or into its terminal answer, or (retryable
     /// trouble) into nothing: it stays pending and is reclaimed later.
-    async fn check(&mut self, d: Delivery, taken_ms: Option<u64>) -> Option<Terminal> {
+    async fn check(&mut self, d: Delivery) -> Option<Terminal> {
         let model = self.keys.model().to_owned();
         let mut info = JobInfo {
             entry_id: d.entry_id.clone(),
             model,
             attempts: d.deliveries,
             enqueued_ms: d.enqueued_ms(),
-            started_ms: taken_ms,
-            marked: taken_ms.is_some(),
             ..JobInfo::default()
         };
         let Some(fields) = d.fields else {
@@ -446,30 +433,46 @@ impl Pipeline {
         m.batch_jobs
             .with_label_values(&[name])
             .observe(batch.len() as f64);
-        // Jobs taken from the stream were marked running as they were taken; own
-        // pending and reclaimed ones get their mark now, sent without waiting.
         let queue_wait = m.queue_wait.with_label_values(&[name]);
-        let mut running: Vec<(String, String, u64, u32, Option<String>)> = Vec::new();
+        let mut running: Vec<(String, String, u64, u32, Option<String>)> =
+            Vec::with_capacity(batch.len());
         for j in &mut batch {
-            let started = *j.info.started_ms.get_or_insert(started_ms);
-            queue_wait.observe(started.saturating_sub(j.info.enqueued_ms) as f64 / 1000.0);
-            if !j.info.marked {
-                let id = j.info.job_id.clone().unwrap_or_default();
-                running.push((j.info.entry_id.clone(), id, model.version, j.info.attempts, j.info.reply_to.clone()));
+            j.info.started_ms = Some(started_ms);
+            queue_wait.observe(started_ms.saturating_sub(j.info.enqueued_ms) as f64 / 1000.0);
+            let id = j.info.job_id.clone().unwrap_or_default();
+            running.push((
+                j.info.entry_id.clone(),
+                id,
+                model.version,
+                j.info.attempts,
+                j.info.reply_to.clone(),
+            ));
+        }
+        // The running mark is written only if the batch is still going after
+        // RUNNING_MARK_AFTER: a state that would last a millisecond is never seen by
+        // anyone, and skipping it halves the Redis work per job. The mark is
+        // conditional, so it never overwrites a result that won the race.
+        let (batch_done, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (mut writer, keys) = (self.writer.clone(), Arc::clone(&self.keys));
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = &mut done_rx => return,
+                () = tokio::time::sleep(RUNNING_MARK_AFTER) => {}
             }
-        }
-        if !running.is_empty() {
-            let (mut writer, keys) = (self.writer.clone(), Arc::clone(&self.keys));
-            tokio::spawn(async move {
-                let started: Vec<Started<'_>> = running
-                    .iter()
-                    .map(|(e, j, v, a, r)| Started { entry_id: e, job_id: j, version: *v, attempts: *a, reply_to: r.as_deref() })
-                    .collect();
-                if let Err(e) = consume::mark_running(&mut writer, &keys, started_ms, &started).await {
-                    tracing::debug!(error = %e, "running mark not written");
-                }
-            });
-        }
+            let started: Vec<Started<'_>> = running
+                .iter()
+                .map(|(e, j, v, a, r)| Started {
+                    entry_id: e,
+                    job_id: j,
+                    version: *v,
+                    attempts: *a,
+                    reply_to: r.as_deref(),
+                })
+                .collect();
+            if let Err(e) = consume::mark_running(&mut writer, &keys, started_ms, &started).await {
+                tracing::debug!(error = %e, "running mark not written");
+            }
+        });
         let inputs: Vec<Vec<Tensor>> = batch
             .iter_mut()
             .map(|j| std::mem::take(&mut j.inputs))
@@ -519,6 +522,7 @@ impl Pipeline {
                 results.push(terminal(&job.info, end));
             }
             write_results(writer, keys, cfg, results).await;
+            let _ = batch_done.send(());
         });
     }
 
@@ -555,7 +559,7 @@ impl Pipeline {
                         deliveries: 0,
                     });
                     let all: Vec<Delivery> = r.entries.into_iter().chain(gone).collect();
-                    self.intake(all, None).await;
+                    self.intake(all).await;
                 }
                 Err(e) => tracing::warn!(model = self.keys.model(), error = %e, "reclaim failed"),
             }
@@ -639,22 +643,37 @@ async fn write_results(
         let id = t.job_id.as_deref().unwrap_or_default();
         if !first {
             duplicates += 1;
-            tracing::debug!(model = keys.model(), id, "job already terminal (cancelled or a second delivery); acknowledged only");
+            tracing::debug!(
+                model = keys.model(),
+                id,
+                "job already terminal (cancelled or a second delivery); acknowledged only"
+            );
             continue;
         }
         let status = t.status.as_str();
         tracing::debug!(model = keys.model(), id, status, "job finished");
         let version = t.version.map(|v| v.to_string()).unwrap_or_default();
-        m.jobs_finished.with_label_values(&[keys.model(), &version, status]).inc();
+        m.jobs_finished
+            .with_label_values(&[keys.model(), &version, status])
+            .inc();
         // Counted here, once the write is known to be the first: a dead letter of a
         // job already terminal is no dead letter.
         if !t.dead_letter.is_empty() {
-            m.jobs_dead_lettered.with_label_values(&[keys.model()]).inc();
+            m.jobs_dead_lettered
+                .with_label_values(&[keys.model()])
+                .inc();
         }
-        let enqueued = t.entry_id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()).unwrap_or(now);
+        let enqueued = t
+            .entry_id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or(now);
         end_to_end.observe(now.saturating_sub(enqueued) as f64 / 1000.0);
     }
     if duplicates > 0 {
-        m.duplicate_deliveries.with_label_values(&[keys.model()]).inc_by(duplicates);
+        m.duplicate_deliveries
+            .with_label_values(&[keys.model()])
+            .inc_by(duplicates);
     }
 }
