@@ -403,3 +403,14 @@ fn concurrent_adds_land_as_distinct_intact_versions() {
     assert_eq!(sorted, (1..=N as u64).collect::<Vec<_>>(), "{versions:?}");
     r.assert_intact("rf", "tutorial-rf", N);
 }
+
+#[test]
+fn a_removed_version_number_is_never_reused() {
+    let r = TempRegistry::empty();
+    assert_eq!(r.add_as("iris-f64", "iris").version, 1);
+    assert_eq!(r.add_as("iris-f64", "iris").version, 2);
+    r.registry.remove("iris", 2).unwrap();
+    // A worker may still hold version 2 loaded: the next add must not reuse the number.
+    assert_eq!(r.add_as("iris-f64", "iris").version, 3);
+    assert_eq!(r.registry.versions("iris").unwrap(), vec![1, 3]);
+}

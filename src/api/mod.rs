@@ -193,7 +193,12 @@ impl App {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme name is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| {
+                v.get(..7)
+                    .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                    .map(|_| &v[7..])
+            })
             .ok_or(ApiError::Unauthorized)?;
         // Compare against every key, without early exit, in constant time per key.
         let ok = self.cfg.api_keys.iter().fold(false, |acc, k| {

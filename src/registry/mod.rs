@@ -101,6 +101,30 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// File holding the highest version ever assigned to a model, so a removed version's
+/// number is never reused (a worker caches loaded versions by number).
+const HIGH_WATER_FILE: &str = "high_water";
+
+fn high_water(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(HIGH_WATER_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises the high-water mark (best effort: a lost update only risks reuse after a
+/// concurrent add and remove, and the rename race is settled by the version directory).
+fn record_high_water(dir: &Path, version: u64) {
+    if high_water(dir) < version {
+        let tmp = dir.join(format!(".hw-{:016x}", rand::random::<u64>()));
+        if std::fs::write(&tmp, version.to_string()).is_ok()
+            && std::fs::rename(&tmp, dir.join(HIGH_WATER_FILE)).is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
 /// One model in a listing.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelSummary {
@@ -222,7 +246,14 @@ impl Registry {
         for _ in 0..1000 {
             let version = match new.version {
                 Some(v) => v,
-                None => self.versions(name)?.last().copied().unwrap_or(0) + 1,
+                None => {
+                    self.versions(name)?
+                        .last()
+                        .copied()
+                        .unwrap_or(0)
+                        .max(high_water(dir))
+                        + 1
+                }
             };
             if version == 0 {
                 return Err(RegistryError::Refused(
@@ -236,7 +267,10 @@ impl Registry {
             std::fs::write(&mpath, json).map_err(io_err(&mpath))?;
             let target = dir.join(version.to_string());
             match std::fs::rename(tmp, &target) {
-                Ok(()) => return Ok(manifest),
+                Ok(()) => {
+                    record_high_water(dir, version);
+                    return Ok(manifest);
+                }
                 Err(_) if target.exists() && new.version.is_none() => {}
                 Err(_) if target.exists() => {
                     return Err(RegistryError::Refused(format!(
