@@ -235,22 +235,26 @@ impl Pipeline {
     }
 
     /// Reads up to `count` new jobs; with `block`, waits that long for one when none waits.
+    /// No new read starts once shutdown began; one already sent is not abandoned (it
+    /// ends within `block`): Redis puts whatever it delivers in this consumer's pending
+    /// list, so dropping the reply would strand those jobs until another worker's
+    /// `claim_after`.
     async fn read(
         &mut self,
         count: usize,
         block: Option<u64>,
     ) -> Result<Vec<Delivery>, QueueError> {
-        let read = consume::read_new(
+        if self.stop.is_cancelled() {
+            return Ok(Vec::new());
+        }
+        consume::read_new(
             &mut self.reader,
             &self.keys,
             &self.cfg.consumer,
             count,
             block,
-        );
-        tokio::select! {
-            () = self.stop.cancelled() => Ok(Vec::new()),
-            r = read => r,
-        }
+        )
+        .await
     }
 
     async fn intake(&mut self, deliveries: Vec<Delivery>) {
@@ -337,6 +341,8 @@ impl Pipeline {
                     || "the worker handling it stopped or timed out each time".into()
                 )
             );
+            // The record counts the deliveries that were attempts; this one only gives up.
+            info.attempts = d.deliveries - 1;
             return Some(terminal(&info, End::DeadLetter(why, fields)));
         }
         if entry.deadline_ms.is_some_and(|dl| dl < crate::now_ms()) {

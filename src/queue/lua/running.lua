@@ -14,9 +14,10 @@ local index = {}
 for i = 2, #KEYS do
   local a = 3 + (i - 2) * 5
   local rec = KEYS[i]
-  index[#index + 1] = ARGV[a]
-  index[#index + 1] = ARGV[a + 1]
   if not terminal[redis.call('HGET', rec, 'status')] then
+    -- Only jobs still going are indexed: a finished job's pair would never be removed.
+    index[#index + 1] = ARGV[a]
+    index[#index + 1] = ARGV[a + 1]
     redis.call('HSET', rec, 'status', 'running', 'started_ms', ARGV[1], 'model', ARGV[2],
       'version', ARGV[a + 2], 'attempts', ARGV[a + 3])
     if ARGV[a + 4] ~= '' then
