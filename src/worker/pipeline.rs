@@ -268,7 +268,8 @@ impl Pipeline {
                 "job",
                 model = self.keys.model(),
                 entry = %d.entry_id,
-                id = tracing::field::Empty
+                id = tracing::field::Empty,
+                traceparent = tracing::field::Empty
             );
             if let Some(t) = self.check(d).instrument(span).await {
                 answered.push(t);
@@ -315,7 +316,11 @@ impl Pipeline {
                     return Some(terminal(&info, end));
                 }
             };
-        tracing::Span::current().record("id", entry.id.as_str());
+        let span = tracing::Span::current();
+        span.record("id", entry.id.as_str());
+        if let Some(tp) = &entry.traceparent {
+            span.record("traceparent", tp.as_str());
+        }
         info.job_id = Some(entry.id.clone());
         info.version = entry.version;
         match entry.reply_to.as_deref() {
