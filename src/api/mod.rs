@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -258,22 +258,51 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let too_large = || ApiError::TooLarge(format!("request body over the limit of {limit} bytes"));
-    if let Some(len) = req
+    // An oversized body is read and dropped up to this much, as long as it keeps
+    // arriving, so a client still sending gets its 413 instead of a reset connection;
+    // beyond the cap, or when the client pauses, the answer goes at once.
+    let drain_cap = limit.saturating_mul(4).min(64 << 20);
+    let drain_pause = Duration::from_millis(200);
+    let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        && len > limit
-    {
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > drain_cap) {
         return Err(too_large());
     }
     let (parts, body) = req.into_parts();
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok((parts, c.to_bytes())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::Invalid(format!(
-            "cannot read the request body: {e}"
-        ))),
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    let over = declared.is_some_and(|len| len > limit);
+    loop {
+        let next = if over || seen > limit {
+            match tokio::time::timeout(drain_pause, body.frame()).await {
+                Ok(next) => next,
+                Err(_) => return Err(too_large()),
+            }
+        } else {
+            body.frame().await
+        };
+        let Some(frame) = next else { break };
+        let frame = frame.map_err(|e| {
+            ApiError::Invalid(format!("cannot read the request body: {}", e.into()))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > drain_cap {
+            return Err(too_large());
+        }
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        }
     }
+    if seen > limit {
+        return Err(too_large());
+    }
+    Ok((parts, buf.freeze()))
 }
 
 /// A JSON response.
