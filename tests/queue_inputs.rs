@@ -11,42 +11,26 @@ mod common;
 use std::time::Duration;
 
 use common::queue::*;
-use common::{
-    RedisServer, Reference, TempRegistry, assert_outputs, inferq_command, run_ok, unique_name,
-};
+use common::{RedisOptions, RedisServer, assert_outputs, inferq_command, run_ok};
 use inferq::protocol::job::JobEntry;
 use inferq::protocol::{Tensor, TensorData};
 use inferq::queue::Keys;
-use redis::aio::MultiplexedConnection;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A Redis, a registry holding tutorial-rf (FP32 `[?, 20]`) under a unique name, its
-/// reference rows, and a connection.
-struct Setup {
-    redis: RedisServer,
-    registry: TempRegistry,
-    model: String,
-    reference: Reference,
-    conn: MultiplexedConnection,
+/// A Redis and a registry holding tutorial-rf (FP32 `[?, 20]`) under a fresh name.
+async fn setup() -> Setup {
+    Setup::new("tutorial-rf", RedisOptions::default()).await
 }
 
-async fn setup(prefix: &str) -> Setup {
-    let redis = RedisServer::start();
-    let model = unique_name(prefix);
-    let registry = TempRegistry::empty();
-    registry.add_as("tutorial-rf", &model);
-    let conn = connect(&redis).await;
-    Setup {
-        redis,
-        registry,
-        model,
-        reference: Reference::load("tutorial-rf"),
-        conn,
-    }
-}
+/// Stream entry fields.
+type Fields = Vec<(String, Vec<u8>)>;
 
-fn fields(pairs: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+/// A bad job: its id, its fields after `v` and `id`, what the error must say, and the
+/// error kind (when checked).
+type Case<'a> = (&'a str, Fields, &'a str, Option<&'a str>);
+
+fn fields(pairs: &[(&str, &[u8])]) -> Fields {
     pairs
         .iter()
         .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
@@ -89,7 +73,7 @@ fn assert_failed(rec: &Record, id: &str, says: &str, kind: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
-    let mut s = setup("bad-input").await;
+    let mut s = setup().await;
     let mut cfg = worker_config(&s.model, "w");
     cfg.queue.max_elements = 100; // 5 rows of 20
     let worker = start_worker(&s.redis, &s.registry, cfg).await;
@@ -101,8 +85,7 @@ async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
     let six_rows = cycled_inputs(&s.reference, 0, 6);
     let bin_six = inferq::protocol::binary::encode(&six_rows).expect("encode");
     let other_model_reply = reply_key("someone-else", "x");
-    // (job id, extra fields after `v`/`id`, what the error must say, error kind)
-    let cases: Vec<(&str, Vec<(String, Vec<u8>)>, &str, Option<&str>)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "no-body",
             vec![],
@@ -322,7 +305,7 @@ async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_job_fails_alone_while_its_batch_succeeds() {
-    let mut s = setup("poison").await;
+    let mut s = setup().await;
     // Everything is queued before the worker starts, so its first read takes all of
     // it and the valid jobs form one batch.
     let mut entries = Vec::new();
@@ -408,7 +391,7 @@ async fn a_poison_job_fails_alone_while_its_batch_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_past_its_deadline_expires_uncomputed_and_is_acknowledged() {
-    let mut s = setup("deadline").await;
+    let mut s = setup().await;
     let now = inferq::now_ms();
     let row = |i| cycled_inputs(&s.reference, i, 1);
     let with_deadline = |id: &str, i, deadline_ms| JobEntry {
@@ -468,7 +451,7 @@ async fn dlq(redis: &RedisServer, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_failing_every_attempt_is_dead_lettered_then_replayed_after_the_fix() {
-    let mut s = setup("dlq").await;
+    let mut s = setup().await;
     // Version 2's file no longer matches its manifest: a retryable failure (an
     // operator may restore the file), so the job is retried, then dead-lettered.
     s.registry.add_as("tutorial-rf", &s.model);

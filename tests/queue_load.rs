@@ -9,43 +9,22 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::queue::*;
-use common::{RedisServer, Reference, TempRegistry, assert_outputs, unique_name};
+use common::{RedisOptions, assert_outputs};
 use inferq::protocol::job::JobEntry;
 use inferq::queue::Keys;
-use redis::aio::MultiplexedConnection;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A Redis, a registry holding tutorial-rf (FP32 `[?, 20]`) under a unique name, and
-/// a connection.
-struct Setup {
-    redis: RedisServer,
-    registry: TempRegistry,
-    model: String,
-    reference: Reference,
-    conn: MultiplexedConnection,
-}
-
-async fn setup(prefix: &str) -> Setup {
-    let redis = RedisServer::start();
-    let model = unique_name(prefix);
-    let registry = TempRegistry::empty();
-    registry.add_as("tutorial-rf", &model);
-    let conn = connect(&redis).await;
-    Setup {
-        redis,
-        registry,
-        model,
-        reference: Reference::load("tutorial-rf"),
-        conn,
-    }
+/// A Redis and a registry holding tutorial-rf (FP32 `[?, 20]`) under a fresh name.
+async fn setup() -> Setup {
+    Setup::new("tutorial-rf", RedisOptions::default()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_from_four_producers_through_two_workers() {
     const PRODUCERS: usize = 4;
     const PER_PRODUCER: usize = 2500;
-    let mut s = setup("load").await;
+    let mut s = setup().await;
     let mut workers = Vec::new();
     for name in ["w1", "w2"] {
         let mut cfg = worker_config(&s.model, name);
@@ -183,7 +162,7 @@ async fn ten_thousand_jobs_from_four_producers_through_two_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_and_reply_lists_expire_after_their_ttl() {
-    let mut s = setup("ttl").await;
+    let mut s = setup().await;
     let mut cfg = worker_config(&s.model, "w");
     cfg.queue.result_ttl_s = 1;
     let worker = start_worker(&s.redis, &s.registry, cfg).await;
@@ -279,7 +258,7 @@ async fn round_trip(s: &mut Setup, id: &str, row: usize) -> (Duration, Record) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_job_is_not_held_back_when_max_wait_is_zero() {
-    let mut s = setup("lone").await;
+    let mut s = setup().await;
     let worker = start_worker(&s.redis, &s.registry, worker_config(&s.model, "w")).await;
     warm_up(
         &mut s.conn,
@@ -312,7 +291,7 @@ async fn a_lone_job_is_not_held_back_when_max_wait_is_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_max_wait_a_lone_job_waits_about_max_wait_and_latecomers_join_it() {
-    let mut s = setup("wait").await;
+    let mut s = setup().await;
     let mut cfg = worker_config(&s.model, "w");
     cfg.batch.max_wait = Duration::from_millis(300);
     let worker = start_worker(&s.redis, &s.registry, cfg).await;

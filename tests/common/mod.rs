@@ -18,6 +18,7 @@ pub mod http;
 mod models;
 pub mod queue;
 mod redis_server;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
