@@ -1,0 +1,1123 @@
+//! The deployment files, checked offline: the Dockerfile, `docker-compose.yml` and the
+//! Kubernetes manifests in `deploy/k8s/`.
+//!
+//! - Kubernetes objects pass `kubernetes-validate --strict` (the Kubernetes JSON
+//!   schemas); KEDA's ScaledObject and TriggerAuthentication pass the schema of KEDA's
+//!   API types (`@kubernetes-models/keda`) with unknown fields refused, and their Redis
+//!   Streams triggers use only the scaler's documented parameters;
+//! - `docker-compose config` (Debian's 1.29) accepts the compose file;
+//! - every `INFERQ_*` variable in these files is one the binary documents, and every
+//!   command they run is a real `inferq` subcommand or a script the image installs;
+//! - the policy the issue asks for (loopback-only ports, AOF always + noeviction,
+//!   read-only registry, probes, drain period, lag-based scaling, no secret values …).
+//!
+//! The validators live in `.tools/deploy-validate/` (installed by `scripts/setup.sh`
+//! through `deploy/validate/install.sh`). A missing validator fails the test with that
+//! instruction: nothing is skipped. Each validator is also shown a broken input, so a
+//! validator that accepts everything cannot pass the suite.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{inferq_command, repo_root, run, run_ok};
+use serde_json::Value;
+
+// ------------------------------------------------------------------ tools
+
+/// Paths of the offline validators; panics with the way to install them.
+struct Tools {
+    python: PathBuf,
+    kubernetes_validate: PathBuf,
+    node_modules: PathBuf,
+}
+
+fn tools() -> Tools {
+    let base = repo_root().join(".tools/deploy-validate");
+    let t = Tools {
+        python: base.join("venv/bin/python"),
+        kubernetes_validate: base.join("venv/bin/kubernetes-validate"),
+        node_modules: base.join("node_modules"),
+    };
+    let missing: Vec<String> = [
+        &t.python,
+        &t.kubernetes_validate,
+        &t.node_modules.join("@kubernetes-models/keda/package.json"),
+        &t.node_modules.join("dockerfile-utils/package.json"),
+    ]
+    .into_iter()
+    .filter(|p| !p.exists())
+    .map(|p| p.display().to_string())
+    .collect();
+    assert!(
+        missing.is_empty(),
+        "deployment validators are not installed ({}): run scripts/setup.sh \
+         (or bash deploy/validate/install.sh)",
+        missing.join(", ")
+    );
+    let node = Command::new("node").arg("--version").output();
+    assert!(
+        node.as_ref().is_ok_and(|o| o.status.success()),
+        "`node` is not runnable ({node:?}): the KEDA and Dockerfile validators need Node.js"
+    );
+    t
+}
+
+fn validate_dir() -> PathBuf {
+    repo_root().join("deploy/validate")
+}
+
+fn k8s_dir() -> PathBuf {
+    repo_root().join("deploy/k8s")
+}
+
+/// One YAML document of a file.
+#[derive(Debug, Clone)]
+struct Doc {
+    doc: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        self.doc["kind"].as_str().unwrap_or_default()
+    }
+    fn name(&self) -> &str {
+        self.doc["metadata"]["name"].as_str().unwrap_or_default()
+    }
+}
+
+/// Every YAML document of `files`, parsed by PyYAML (the validators' venv).
+fn yaml_docs(files: &[PathBuf]) -> Vec<Doc> {
+    let t = tools();
+    let out = run_ok(
+        Command::new(&t.python)
+            .arg(validate_dir().join("yaml2json.py"))
+            .args(files),
+    );
+    let v: Value = serde_json::from_str(&out).expect("yaml2json prints JSON");
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|d| Doc {
+            doc: d["doc"].clone(),
+        })
+        .collect()
+}
+
+/// The files kustomization.yaml lists, as paths.
+fn k8s_files() -> Vec<PathBuf> {
+    let kust = yaml_docs(&[k8s_dir().join("kustomization.yaml")]);
+    kust[0].doc["resources"]
+        .as_array()
+        .expect("kustomization resources")
+        .iter()
+        .map(|r| k8s_dir().join(r.as_str().expect("a path")))
+        .collect()
+}
+
+fn k8s_docs() -> Vec<Doc> {
+    yaml_docs(&k8s_files())
+}
+
+fn find<'a>(docs: &'a [Doc], kind: &str, name: &str) -> &'a Value {
+    &docs
+        .iter()
+        .find(|d| d.kind() == kind && d.name() == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in deploy/k8s"))
+        .doc
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The demo model names (testdata/models/*.onnx), which the image ships and loads.
+fn demo_models() -> BTreeSet<String> {
+    std::fs::read_dir(repo_root().join("testdata/models"))
+        .expect("testdata/models")
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            (p.extension()? == "onnx").then(|| p.file_stem()?.to_str().map(str::to_owned))?
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------ Kubernetes
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let listed: BTreeSet<PathBuf> = k8s_files().into_iter().collect();
+    let on_disk: BTreeSet<PathBuf> = std::fs::read_dir(k8s_dir())
+        .expect("deploy/k8s")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    assert_eq!(listed, on_disk, "kustomization.yaml resources vs files");
+    let kust = yaml_docs(&[k8s_dir().join("kustomization.yaml")]);
+    assert_eq!(kust[0].doc["namespace"], "inferq");
+}
+
+#[test]
+fn kubernetes_objects_pass_strict_schema_validation() {
+    let t = tools();
+    let files = k8s_files();
+    let out = run(Command::new(&t.kubernetes_validate)
+        .arg("--strict")
+        .args(&files));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kubernetes-validate failed:\n{text}");
+    // Only KEDA's kinds may lack a Kubernetes schema (they are checked below).
+    for line in text.lines().filter(|l| !l.starts_with("INFO ")) {
+        let keda = line.contains("Couldn't find schema for kind")
+            && line.contains("with api version keda.sh/v1alpha1")
+            && (line.contains("kind ScaledObject ")
+                || line.contains("kind TriggerAuthentication "));
+        assert!(
+            keda,
+            "unexpected kubernetes-validate output: {line}\n{text}"
+        );
+    }
+    let non_keda = k8s_docs()
+        .iter()
+        .filter(|d| {
+            !d.doc["apiVersion"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("keda.sh/")
+        })
+        .count();
+    let passed = text
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert!(non_keda >= 15, "too few objects found: {non_keda}");
+    assert_eq!(passed, non_keda, "every non-KEDA object passes:\n{text}");
+
+    // The validator really is strict: an unknown field in a pod spec fails.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broken = dir.path().join("gateway.yaml");
+    let text = read(&k8s_dir().join("gateway.yaml")).replacen(
+        "imagePullPolicy: IfNotPresent",
+        "imagePullPolicy: IfNotPresent\n          imagePullPolicyy: Always",
+        1,
+    );
+    std::fs::write(&broken, text).expect("write");
+    let out = run(Command::new(&t.kubernetes_validate)
+        .arg("--strict")
+        .arg(&broken));
+    assert!(
+        !out.status.success(),
+        "kubernetes-validate --strict accepted an unknown field: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Runs deploy/validate/keda.mjs on the documents of `files`.
+fn keda_check(files: &[PathBuf]) -> (bool, String) {
+    let t = tools();
+    let json = run_ok(
+        Command::new(&t.python)
+            .arg(validate_dir().join("yaml2json.py"))
+            .args(files),
+    );
+    let mut child = Command::new("node")
+        .arg(validate_dir().join("keda.mjs"))
+        .arg(&t.node_modules)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(json.as_bytes()).expect("write documents");
+    }
+    let out = child.wait_with_output().expect("node output");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn keda_objects_pass_kedas_schema_and_the_scalers_parameters() {
+    let (ok, text) = keda_check(&k8s_files());
+    assert!(ok, "KEDA validation failed:\n{text}");
+    assert!(
+        text.contains("2 KEDA object(s) checked, 0 problem(s)"),
+        "expected the ScaledObject and the TriggerAuthentication to be checked:\n{text}"
+    );
+
+    // Broken copies are refused: unknown spec field, wrong type, unknown scaler parameter,
+    // lagCount without activationLagCount.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let worker = read(&k8s_dir().join("worker.yaml"));
+    for (what, from, to) in [
+        (
+            "unknown field",
+            "  pollingInterval: 10",
+            "  pollingInterval: 10\n  pollInterval: 10",
+        ),
+        (
+            "wrong type",
+            "  maxReplicaCount: 20",
+            "  maxReplicaCount: \"20\"",
+        ),
+        (
+            "unknown parameter",
+            "        consumerGroup: inferq",
+            "        consumerGroup: inferq\n        lagCnt: \"5\"",
+        ),
+        (
+            "missing activation",
+            "        activationLagCount: \"1\"\n",
+            "",
+        ),
+    ] {
+        assert!(
+            worker.contains(from),
+            "worker.yaml no longer contains {from:?}"
+        );
+        let p = dir.path().join("worker.yaml");
+        std::fs::write(&p, worker.replacen(from, to, 1)).expect("write");
+        let (ok, text) = keda_check(&[p]);
+        assert!(
+            !ok,
+            "the KEDA check accepted a ScaledObject with {what}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn workers_scale_on_the_consumer_group_lag_of_every_model_stream() {
+    let docs = k8s_docs();
+    let so = find(&docs, "ScaledObject", "inferq-worker");
+    let deployment = find(&docs, "Deployment", "inferq-worker");
+    assert_eq!(so["spec"]["scaleTargetRef"]["name"], "inferq-worker");
+    assert_eq!(deployment["kind"], "Deployment");
+    assert!(so["spec"]["minReplicaCount"].as_u64() >= Some(1));
+    assert!(so["spec"]["maxReplicaCount"].as_u64() > so["spec"]["minReplicaCount"].as_u64());
+
+    let redis_svc = find(&docs, "Service", "redis");
+    let redis_port = redis_svc["spec"]["ports"][0]["port"]
+        .as_u64()
+        .expect("redis port");
+    let expected_address = format!("redis.inferq.svc.cluster.local:{redis_port}");
+    let mut streams = BTreeSet::new();
+    for t in so["spec"]["triggers"].as_array().expect("triggers") {
+        let md = &t["metadata"];
+        assert_eq!(t["type"], "redis-streams", "{t}");
+        assert_eq!(md["consumerGroup"], inferq::queue::GROUP, "{t}");
+        assert!(md.get("lagCount").is_some(), "lagCount mode: {t}");
+        assert!(md.get("activationLagCount").is_some(), "{t}");
+        assert!(
+            md.get("pendingEntriesCount").is_none() && md.get("streamLength").is_none(),
+            "only lagCount: {t}"
+        );
+        assert_eq!(
+            md["address"].as_str(),
+            Some(expected_address.as_str()),
+            "{t}"
+        );
+        let auth = t["authenticationRef"]["name"]
+            .as_str()
+            .expect("authenticationRef");
+        let ta = find(&docs, "TriggerAuthentication", auth);
+        for r in ta["spec"]["secretTargetRef"]
+            .as_array()
+            .expect("secretTargetRef")
+        {
+            assert!(
+                matches!(r["parameter"].as_str(), Some("password" | "username")),
+                "{r}"
+            );
+            assert_eq!(r["name"], "inferq-secrets");
+        }
+        streams.insert(md["stream"].as_str().expect("stream").to_owned());
+    }
+    let expected: BTreeSet<String> = demo_models()
+        .iter()
+        .map(|m| inferq::queue::Keys::new(m).jobs().to_owned())
+        .collect();
+    assert_eq!(
+        streams, expected,
+        "one trigger per demo model's jobs stream"
+    );
+    // The comment the issue asks for stays with the ScaledObject.
+    let worker = read(&k8s_dir().join("worker.yaml"));
+    assert!(worker.contains("pendingEntriesCount counts only entries"));
+}
+
+/// The pod templates of every workload: (kind/name, pod spec).
+fn pod_specs(docs: &[Doc]) -> Vec<(String, Value)> {
+    docs.iter()
+        .filter(|d| matches!(d.kind(), "Deployment" | "StatefulSet" | "Job"))
+        .map(|d| {
+            (
+                format!("{}/{}", d.kind(), d.name()),
+                d.doc["spec"]["template"]["spec"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn config_map(docs: &[Doc]) -> BTreeMap<String, String> {
+    find(docs, "ConfigMap", "inferq-config")["data"]
+        .as_object()
+        .expect("data")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_owned()))
+        .collect()
+}
+
+#[test]
+fn pods_are_hardened_probed_and_drain_in_time() {
+    let docs = k8s_docs();
+    let cm = config_map(&docs);
+    let specs = pod_specs(&docs);
+    assert_eq!(
+        specs.len(),
+        4,
+        "gateway, worker, redis, loader job: {specs:?}"
+    );
+    for (what, spec) in &specs {
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{what}");
+        for c in spec["containers"].as_array().expect("containers") {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
+            assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{what}");
+            for kind in ["requests", "limits"] {
+                for r in ["cpu", "memory"] {
+                    assert!(c["resources"][kind][r].is_string(), "{what}: {kind}.{r}");
+                }
+            }
+        }
+    }
+    let metrics_port: u64 = cm["INFERQ_METRICS_LISTEN"]
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("INFERQ_METRICS_LISTEN port");
+    for name in ["inferq-gateway", "inferq-worker"] {
+        let d = find(&docs, "Deployment", name);
+        let spec = &d["spec"]["template"]["spec"];
+        let c = &spec["containers"][0];
+        let ports: BTreeMap<&str, u64> = c["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().expect("name"),
+                    p["containerPort"].as_u64().expect("port"),
+                )
+            })
+            .collect();
+        assert_eq!(ports["metrics"], metrics_port, "{name}");
+        assert_eq!(
+            c["readinessProbe"]["httpGet"]["path"], "/v2/health/ready",
+            "{name}"
+        );
+        assert_eq!(
+            c["livenessProbe"]["httpGet"]["path"], "/v2/health/live",
+            "{name}"
+        );
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(c[probe]["httpGet"]["port"], "metrics", "{name} {probe}");
+        }
+        // The registry: a PVC mounted read-only, both in the volume and the mount.
+        let vol = spec["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "models")
+            .expect("models volume");
+        assert_eq!(
+            vol["persistentVolumeClaim"]["claimName"], "inferq-models",
+            "{name}"
+        );
+        assert_eq!(vol["persistentVolumeClaim"]["readOnly"], true, "{name}");
+        let mount = c["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"] == "models")
+            .expect("models mount");
+        assert_eq!(mount["readOnly"], true, "{name}");
+        assert_eq!(
+            mount["mountPath"].as_str(),
+            Some(cm["INFERQ_MODELS"].as_str()),
+            "{name}"
+        );
+        // Drain: the kubelet waits longer than the worker's drain deadline.
+        let grace = spec["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("grace period");
+        let drain_ms: u64 = cm["INFERQ_DRAIN_TIMEOUT_MS"].parse().expect("drain ms");
+        assert!(
+            grace * 1000 > drain_ms,
+            "{name}: {grace} s vs {drain_ms} ms"
+        );
+    }
+    assert_eq!(
+        find(&docs, "Deployment", "inferq-gateway")["spec"]["replicas"],
+        2
+    );
+    let hpa = find(&docs, "HorizontalPodAutoscaler", "inferq-gateway");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "inferq-gateway");
+    assert_eq!(hpa["spec"]["metrics"][0]["resource"]["name"], "cpu");
+    for component in ["gateway", "worker"] {
+        let pdb = find(&docs, "PodDisruptionBudget", &format!("inferq-{component}"));
+        assert_eq!(
+            pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            component
+        );
+    }
+    let svc = find(&docs, "Service", "inferq-gateway");
+    let ingress = find(&docs, "Ingress", "inferq-gateway");
+    assert_eq!(
+        ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"],
+        svc["metadata"]["name"]
+    );
+    // Redis: AOF always, noeviction, on a persistent volume.
+    let redis = find(&docs, "StatefulSet", "redis");
+    let args: Vec<&str> = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("redis args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    for pair in [
+        ["--appendonly", "yes"],
+        ["--appendfsync", "always"],
+        ["--maxmemory-policy", "noeviction"],
+    ] {
+        assert!(
+            args.windows(2).any(|w| w == pair),
+            "redis args {args:?} lack {pair:?}"
+        );
+    }
+    assert!(redis["spec"]["volumeClaimTemplates"].is_array());
+}
+
+#[test]
+fn no_secret_value_is_in_the_files() {
+    let docs = k8s_docs();
+    assert!(
+        docs.iter().all(|d| d.kind() != "Secret"),
+        "a Secret object would carry values: create it with kubectl (deploy/k8s/README.md)"
+    );
+    for (what, spec) in pod_specs(&docs) {
+        for c in spec["containers"].as_array().expect("containers") {
+            for e in c["env"].as_array().into_iter().flatten() {
+                let name = e["name"].as_str().expect("env name");
+                if name.contains("PASSWORD") || name.contains("API_KEYS") {
+                    assert!(
+                        e.get("value").is_none(),
+                        "{what}: {name} has a literal value"
+                    );
+                    assert_eq!(
+                        e["valueFrom"]["secretKeyRef"]["name"], "inferq-secrets",
+                        "{what}"
+                    );
+                }
+                if let Some(v) = e["value"].as_str() {
+                    assert!(
+                        !v.contains('@') || v.contains("$(REDIS_PASSWORD)@"),
+                        "{what}: {name} embeds a credential: {v}"
+                    );
+                }
+            }
+        }
+    }
+    let compose = read(&repo_root().join("docker-compose.yml"));
+    assert!(compose.contains("GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:?"));
+}
+
+#[test]
+fn network_policies_confine_redis_and_workers() {
+    let docs = k8s_docs();
+    let deny = find(&docs, "NetworkPolicy", "default-deny");
+    assert_eq!(deny["spec"]["podSelector"], serde_json::json!({}));
+    let redis = find(&docs, "NetworkPolicy", "redis");
+    let from = &redis["spec"]["ingress"][0]["from"];
+    let allowed = &from[0]["podSelector"]["matchExpressions"][0];
+    assert_eq!(allowed["key"], "app.kubernetes.io/component");
+    assert_eq!(allowed["values"], serde_json::json!(["gateway", "worker"]));
+    assert_eq!(redis["spec"]["ingress"][0]["ports"][0]["port"], 6379);
+    // Besides gateway and worker pods, only KEDA's operator (another namespace).
+    for f in from.as_array().expect("from").iter().skip(1) {
+        assert_eq!(
+            f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "keda"
+        );
+    }
+    let worker = find(&docs, "NetworkPolicy", "worker");
+    assert!(
+        worker["spec"]["policyTypes"]
+            .as_array()
+            .expect("types")
+            .contains(&"Egress".into())
+    );
+    let egress = worker["spec"]["egress"].as_array().expect("worker egress");
+    assert_eq!(egress.len(), 2, "Redis and DNS only: {egress:?}");
+    assert_eq!(
+        egress[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "redis"
+    );
+    assert_eq!(
+        egress[0]["ports"],
+        serde_json::json!([{"protocol": "TCP", "port": 6379}])
+    );
+    for p in egress[1]["ports"].as_array().expect("dns ports") {
+        assert_eq!(p["port"], 53, "the second rule is DNS only");
+    }
+}
+
+// ------------------------------------------------------------------ binary contract
+
+/// `INFERQ_*` variables `inferq --help` documents.
+fn known_variables() -> BTreeSet<String> {
+    let help = run_ok(inferq_command().arg("--help"));
+    let known: BTreeSet<String> = help
+        .match_indices("[env: ")
+        .filter_map(|(i, _)| {
+            let rest = &help[i + 6..];
+            let end = rest.find('=')?;
+            Some(rest[..end].to_owned())
+        })
+        .filter(|v| v.starts_with("INFERQ_"))
+        .collect();
+    assert!(
+        known.len() >= 20,
+        "could not read the variables from --help: {known:?}"
+    );
+    known
+}
+
+/// `INFERQ_[A-Z0-9_]+` words in `text`.
+fn variables_in(text: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    for (i, _) in text.match_indices("INFERQ_") {
+        let end = text[i..]
+            .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .map_or(text.len(), |e| i + e);
+        let var = text[i..end].trim_end_matches('_');
+        // `INFERQ_*` in prose names no variable.
+        if var.len() > "INFERQ_".len() {
+            found.insert(var.to_owned());
+        }
+    }
+    found
+}
+
+#[test]
+fn every_inferq_variable_in_the_deployment_files_is_known_to_the_binary() {
+    let known = known_variables();
+    let mut files = vec![
+        repo_root().join("docker-compose.yml"),
+        repo_root().join("Dockerfile"),
+        repo_root().join("scripts/stack.sh"),
+        repo_root().join("deploy/docker/healthcheck.sh"),
+        repo_root().join("deploy/docker/load-models.sh"),
+    ];
+    files.extend(k8s_files());
+    let mut seen = 0;
+    for f in &files {
+        // INFERQ_BIN is load-models.sh's own knob (which binary to run), not a setting.
+        for v in variables_in(&read(f))
+            .into_iter()
+            .filter(|v| v != "INFERQ_BIN")
+        {
+            seen += 1;
+            assert!(
+                known.contains(&v),
+                "{}: {v} is not a variable `inferq --help` documents",
+                f.display()
+            );
+        }
+    }
+    assert!(
+        seen >= 20,
+        "too few variables found ({seen}): is the scan broken?"
+    );
+    // The ConfigMap sets nothing the binary would not read.
+    for k in config_map(&k8s_docs()).keys() {
+        assert!(known.contains(k), "configmap key {k}");
+    }
+}
+
+/// `docker-compose config` output for the repository's file, parsed.
+fn compose_config(env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new("docker-compose");
+    cmd.current_dir(repo_root())
+        .args(["-f", "docker-compose.yml", "config"])
+        .env_remove("GRAFANA_ADMIN_PASSWORD")
+        .env_remove("INFERQ_API_KEYS")
+        .env_remove("PUBLISH_ADDR")
+        .env_remove("COMPOSE_FILE")
+        .env_remove("COMPOSE_PROJECT_NAME");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run docker-compose (run scripts/setup.sh, which installs it): {e}")
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn compose_services() -> serde_json::Map<String, Value> {
+    let (ok, text) = compose_config(&[("GRAFANA_ADMIN_PASSWORD", "x")]);
+    assert!(
+        ok,
+        "docker-compose config refused docker-compose.yml:\n{text}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = dir.path().join("config.yml");
+    std::fs::write(&p, &text).expect("write");
+    yaml_docs(&[p])[0].doc["services"]
+        .as_object()
+        .expect("services")
+        .clone()
+}
+
+#[test]
+fn docker_compose_accepts_the_file_and_it_has_the_stack() {
+    let version = run_ok(Command::new("docker-compose").arg("version"));
+    assert!(
+        version.contains("1.29"),
+        "expected Debian's docker-compose 1.29: {version}"
+    );
+    let services = compose_services();
+    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "redis",
+            "models",
+            "gateway",
+            "worker",
+            "prometheus",
+            "grafana"
+        ])
+    );
+    // No password, no start.
+    let (ok, text) = compose_config(&[]);
+    assert!(!ok && text.contains("GRAFANA_ADMIN_PASSWORD"), "{text}");
+
+    // Only the gateway and Grafana are published, on loopback.
+    for (name, s) in &services {
+        let ports = s["ports"].as_array().map(Vec::as_slice).unwrap_or_default();
+        match name.as_str() {
+            "gateway" | "grafana" => {
+                assert_eq!(ports.len(), 1, "{name}: {ports:?}");
+                let p = ports[0].as_str().expect("short port syntax");
+                assert!(
+                    p.starts_with("127.0.0.1:"),
+                    "{name} published beyond loopback: {p}"
+                );
+            }
+            _ => assert!(ports.is_empty(), "{name} must not be published: {ports:?}"),
+        }
+    }
+    let redis_cmd: Vec<&str> = services["redis"]["command"]
+        .as_array()
+        .expect("redis command")
+        .iter()
+        .map(|a| a.as_str().expect("string"))
+        .collect();
+    for pair in [
+        ["--appendonly", "yes"],
+        ["--appendfsync", "always"],
+        ["--maxmemory-policy", "noeviction"],
+    ] {
+        assert!(
+            redis_cmd.windows(2).any(|w| w == pair),
+            "redis {redis_cmd:?} lacks {pair:?}"
+        );
+    }
+    assert!(
+        services["redis"]["healthcheck"]["test"]
+            .to_string()
+            .contains("ping")
+    );
+    assert!(
+        services["redis"]["volumes"][0]
+            .as_str()
+            .is_some_and(|v| v.starts_with("redis-data:/data"))
+    );
+    assert_eq!(services["worker"]["deploy"]["replicas"], 2);
+    for name in ["gateway", "worker"] {
+        let s = &services[name];
+        assert_eq!(
+            s["depends_on"]["redis"]["condition"], "service_healthy",
+            "{name}"
+        );
+        assert_eq!(
+            s["depends_on"]["models"]["condition"], "service_completed_successfully",
+            "{name}"
+        );
+        assert_eq!(
+            s["volumes"][0], "models:/models:ro",
+            "{name}: registry read-only"
+        );
+        assert_eq!(
+            s["environment"]["INFERQ_REDIS_URL"], "redis://redis:6379",
+            "{name}"
+        );
+    }
+    assert_eq!(services["models"]["volumes"][0], "models:/models:rw");
+    let grafana = &services["grafana"];
+    assert_eq!(
+        grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"],
+        "/var/lib/grafana/dashboards/inferq.json"
+    );
+    let targets: Vec<String> = grafana["volumes"]
+        .as_array()
+        .expect("grafana volumes")
+        .iter()
+        .map(|v| v.as_str().expect("short syntax").to_owned())
+        .collect();
+    let root = repo_root();
+    for (src, dst) in [
+        (
+            root.join("grafana/provisioning"),
+            "/etc/grafana/provisioning:ro",
+        ),
+        (
+            root.join("grafana/dashboards"),
+            "/var/lib/grafana/dashboards:ro",
+        ),
+    ] {
+        let want = format!("{}:{dst}", src.display());
+        assert!(
+            targets.contains(&want),
+            "grafana volumes {targets:?} lack {want}"
+        );
+    }
+    let prom: Vec<String> = services["prometheus"]["volumes"]
+        .as_array()
+        .expect("prometheus volumes")
+        .iter()
+        .map(|v| v.as_str().expect("short syntax").to_owned())
+        .collect();
+    for (src, dst) in [
+        ("prometheus.yml", "/etc/prometheus/prometheus.yml:ro"),
+        ("prometheus/alerts.yml", "/etc/prometheus/alerts.yml:ro"),
+    ] {
+        let want = format!("{}:{dst}", root.join(src).display());
+        assert!(
+            prom.contains(&want),
+            "prometheus volumes {prom:?} lack {want}"
+        );
+    }
+}
+
+#[test]
+fn compose_bind_mounts_exist() {
+    // The files the compose stack mounts from the repository (Prometheus configuration and
+    // alert rules, Grafana provisioning and the inferq dashboard).
+    for p in [
+        "prometheus.yml",
+        "prometheus/alerts.yml",
+        "grafana/provisioning",
+        "grafana/dashboards/inferq.json",
+    ] {
+        assert!(
+            repo_root().join(p).exists(),
+            "{p} is missing (docker-compose.yml mounts it)"
+        );
+    }
+}
+
+#[test]
+fn every_command_the_deployment_runs_exists() {
+    let services = compose_services();
+    let dockerfile = read(&repo_root().join("Dockerfile"));
+    let docs = k8s_docs();
+
+    let mut subcommands: Vec<(String, String)> = Vec::new();
+    for name in ["gateway", "worker"] {
+        let cmd = services[name]["command"][0]
+            .as_str()
+            .expect("command")
+            .to_owned();
+        assert!(
+            services[name].get("entrypoint").is_none(),
+            "{name} runs the image's inferq"
+        );
+        subcommands.push((format!("compose {name}"), cmd));
+    }
+    for d in docs.iter().filter(|d| d.kind() == "Deployment") {
+        let c = &d.doc["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            c.get("command").is_none(),
+            "{}: runs the image's ENTRYPOINT",
+            d.name()
+        );
+        let arg = c["args"][0].as_str().expect("args").to_owned();
+        subcommands.push((format!("k8s {}", d.name()), arg));
+    }
+    assert!(dockerfile.contains("ENTRYPOINT [\"inferq\"]"));
+    assert!(dockerfile.contains("CMD [\"serve\"]"));
+    subcommands.push(("Dockerfile CMD".into(), "serve".into()));
+    for (what, sub) in &subcommands {
+        run_ok(inferq_command().args([sub.as_str(), "--help"]));
+        assert!(
+            ["serve", "gateway", "worker"].contains(&sub.as_str()),
+            "{what}: {sub}"
+        );
+    }
+
+    // The loader: compose's `models` service and the k8s Job run the script the
+    // Dockerfile installs, on the directory it copies the demo models to.
+    assert!(
+        dockerfile.contains("COPY deploy/docker/load-models.sh /usr/local/bin/inferq-load-models")
+    );
+    assert!(dockerfile.contains("COPY testdata/models/*.onnx /usr/share/inferq/demo-models/"));
+    assert_eq!(
+        services["models"]["entrypoint"],
+        serde_json::json!(["inferq-load-models"])
+    );
+    assert_eq!(
+        services["models"]["command"],
+        serde_json::json!(["/usr/share/inferq/demo-models"])
+    );
+    let job = find(&docs, "Job", "inferq-load-models");
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["command"],
+        serde_json::json!(["inferq-load-models", "/usr/share/inferq/demo-models"])
+    );
+    for sub in [["models", "add"], ["models", "show"]] {
+        run_ok(inferq_command().args(sub).arg("--help"));
+    }
+
+    // The script itself, natively: registers every demo model, then (run again) none.
+    let registry = tempfile::tempdir().expect("temp dir");
+    let load = || {
+        run_ok(
+            Command::new("bash")
+                .arg(repo_root().join("deploy/docker/load-models.sh"))
+                .arg(repo_root().join("testdata/models"))
+                .env("INFERQ_BIN", env!("CARGO_BIN_EXE_inferq"))
+                .env("INFERQ_MODELS", registry.path())
+                .env("ORT_DYLIB_PATH", common::ort_lib()),
+        )
+    };
+    let first = load();
+    assert_eq!(
+        first.matches("added ").count(),
+        demo_models().len(),
+        "{first}"
+    );
+    let second = load();
+    assert_eq!(
+        second.matches("added ").count(),
+        0,
+        "not idempotent:\n{second}"
+    );
+    assert_eq!(
+        second.matches(" skipped").count(),
+        demo_models().len(),
+        "{second}"
+    );
+}
+
+// ------------------------------------------------------------------ Dockerfile
+
+#[test]
+fn dockerfile_lints_clean_and_matches_the_setup() {
+    let t = tools();
+    let lint = |p: &Path| {
+        run(Command::new("node")
+            .arg(validate_dir().join("dockerfile.cjs"))
+            .arg(&t.node_modules)
+            .arg(p))
+    };
+    let out = lint(&repo_root().join("Dockerfile"));
+    assert!(
+        out.status.success(),
+        "Dockerfile lint:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broken = dir.path().join("Dockerfile");
+    std::fs::write(
+        &broken,
+        "FROM debian:bookworm-slim\nRUNN true\nHEALTHCHECK --intervall=1s CMD true\n",
+    )
+    .expect("write");
+    assert!(
+        !lint(&broken).status.success(),
+        "the linter accepted a broken Dockerfile"
+    );
+
+    let dockerfile = read(&repo_root().join("Dockerfile"));
+    // The ONNX Runtime version is the one scripts/setup.sh installs, and the wheel path
+    // the Dockerfile extracts is where that wheel keeps the library.
+    let pinned = read(&repo_root().join("scripts/requirements.txt"))
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("onnxruntime==")
+                .map(str::trim)
+                .map(str::to_owned)
+        })
+        .expect("onnxruntime pin");
+    assert!(
+        dockerfile.contains(&format!("ARG ORT_VERSION={pinned}")),
+        "ORT {pinned}"
+    );
+    assert!(dockerfile.contains("/unpacked/onnxruntime/capi/libonnxruntime.so.${ORT_VERSION}"));
+    let wheel_lib = std::fs::read_dir(repo_root().join(".venv/lib"))
+        .expect(".venv/lib (run scripts/setup.sh)")
+        .filter_map(Result::ok)
+        .map(|e| {
+            e.path().join(format!(
+                "site-packages/onnxruntime/capi/libonnxruntime.so.{pinned}"
+            ))
+        })
+        .find(|p| p.is_file());
+    assert!(
+        wheel_lib.is_some(),
+        "onnxruntime/capi/libonnxruntime.so.{pinned} not in the wheel"
+    );
+
+    for needle in [
+        "FROM rust:${RUST_VERSION}-bookworm AS builder",
+        "cargo build --release --locked",
+        "FROM debian:bookworm-slim",
+        "COPY --from=ort /out/libonnxruntime.so /usr/local/lib/inferq/libonnxruntime.so",
+        "ORT_DYLIB_PATH=/usr/local/lib/inferq/libonnxruntime.so",
+        "INFERQ_LISTEN=0.0.0.0:8080",
+        "INFERQ_METRICS_LISTEN=0.0.0.0:9464",
+        "INFERQ_MODELS=/models",
+        "useradd --system --uid 10001",
+        "USER 10001:10001",
+        "COPY deploy/docker/healthcheck.sh /usr/local/bin/inferq-healthcheck",
+        "CMD [\"/usr/local/bin/inferq-healthcheck\"]",
+    ] {
+        assert!(dockerfile.contains(needle), "Dockerfile lacks {needle:?}");
+    }
+    // Every target Cargo.toml declares is in the build context and copied (cargo refuses
+    // a manifest whose declared target file is missing).
+    let manifest = read(&repo_root().join("Cargo.toml"));
+    let mut section = String::new();
+    let mut declared = Vec::new();
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line.trim_matches(|c| c == '[' || c == ']').to_owned();
+        } else if let Some(v) = line.strip_prefix("path = ") {
+            declared.push(v.trim_matches('"').to_owned());
+        } else if let Some(v) = line.strip_prefix("name = ") {
+            let dir = match section.as_str() {
+                "bench" => "benches",
+                "example" => "examples",
+                "test" => "tests",
+                _ => continue,
+            };
+            declared.push(format!("{dir}/{}.rs", v.trim_matches('"')));
+        }
+    }
+    for target in &declared {
+        let top = target.split('/').next().expect("a path");
+        assert!(
+            dockerfile.contains(&format!("COPY {top} ./{top}")),
+            "Cargo.toml declares {target}: the Dockerfile must COPY {top}"
+        );
+        assert!(
+            read(&repo_root().join(".dockerignore")).contains(&format!("!{top}/")),
+            "Cargo.toml declares {target}: .dockerignore must allow {top}/"
+        );
+    }
+    // .dockerignore is an allow-list: everything the Dockerfile copies from the context
+    // must be allowed.
+    let ignore = read(&repo_root().join(".dockerignore"));
+    let allowed: Vec<&str> = ignore.lines().filter_map(|l| l.strip_prefix('!')).collect();
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from="))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for src in &words[1..words.len() - 1] {
+            assert!(
+                allowed.iter().any(|a| {
+                    let a = a.trim_end_matches('/');
+                    src == &a || src.starts_with(&format!("{a}/"))
+                }),
+                ".dockerignore does not let {src} into the build context"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_container_health_check_reports_live_and_dead() {
+    let redis = common::RedisServer::start();
+    let registry = common::TempRegistry::empty();
+    let port = common::http::free_port();
+    let mut gateway = inferq_command()
+        .args(["--models"])
+        .arg(registry.path())
+        .args(["--redis-url", &redis.url()])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", common::http::free_port()),
+        ])
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+        .arg("gateway")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a gateway");
+    let check = |listen: &str, args: &[&str]| {
+        Command::new("bash")
+            .arg(repo_root().join("deploy/docker/healthcheck.sh"))
+            .args(args)
+            .env("INFERQ_METRICS_LISTEN", listen)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run the health check")
+            .success()
+    };
+    // As in the image: the listener on every interface, the check on loopback.
+    let listen = format!("0.0.0.0:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check(&listen, &[]) {
+        assert!(Instant::now() < deadline, "the gateway never became live");
+        assert!(
+            gateway.try_wait().expect("wait").is_none(),
+            "the gateway exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(check(&listen, &[&port.to_string(), "/v2/health/ready"]));
+    assert!(
+        !check(&listen, &[&port.to_string(), "/no/such/route"]),
+        "404 is not healthy"
+    );
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    assert!(!check(&listen, &[]), "a dead process must fail the check");
+}
