@@ -1,6 +1,7 @@
 //! Command line: one binary, several roles. Parsing layers the config file under
 //! environment variables and flags; each role gets validated settings.
 
+mod bench;
 mod dlq;
 mod models;
 mod roles;
@@ -49,6 +50,9 @@ pub enum Command {
     Worker,
     /// Enqueue one job from the shell; optionally wait for its result.
     Submit(submit::SubmitArgs),
+    /// Load generator: throughput and latency through Redis or HTTP, drain-mode
+    /// capacity, and the in-process ONNX Runtime ceiling.
+    Bench(bench::BenchArgs),
     /// Inspect and re-drive dead-lettered jobs.
     Dlq {
         /// What to do with them.
@@ -101,5 +105,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker => roles::run(&cli.settings, roles::Role::Worker),
         Command::Dlq { command } => dlq::run(&cli.settings, command),
         Command::Submit(args) => submit::run(&cli.settings, args),
+        Command::Bench(args) => bench::run(&cli.settings, args),
     }
 }

@@ -49,8 +49,8 @@ pub async fn ensure_group(conn: &mut Conn, keys: &Keys) -> Result<(), QueueError
     }
 }
 
-/// Reads up to `count` new entries (`>`), blocking up to `block_ms` when there are
-/// none (`None`: do not block).
+/// Reads up to `count` new entries (`>`) and indexes them in `inferq:{m}:inflight` in
+/// the same script; with `block_ms`, waits that long for one when none waits.
 pub async fn read_new(
     conn: &mut Conn,
     keys: &Keys,
@@ -58,23 +58,70 @@ pub async fn read_new(
     count: usize,
     block_ms: Option<u64>,
 ) -> Result<Vec<Delivery>, QueueError> {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(GROUP)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count.max(1));
-    if let Some(ms) = block_ms {
-        cmd.arg("BLOCK").arg(ms);
-    }
-    cmd.arg("STREAMS").arg(keys.jobs()).arg(">");
-    let reply: Value = cmd
-        .query_async(conn)
-        .await
-        .map_err(QueueError::redis("read new jobs"))?;
-    let mut out = parse_read(&reply)?;
+    let mut out = match take(conn, keys, consumer, count).await? {
+        Ok(list) => list,
+        Err(last) => match block_ms {
+            Some(ms) if wait_new(conn, keys, &last, ms).await? => {
+                take(conn, keys, consumer, count).await?.unwrap_or_default()
+            }
+            _ => Vec::new(),
+        },
+    };
     out.iter_mut().for_each(|d| d.deliveries = 1);
     Ok(out)
+}
+
+/// One run of `read.lua`: the entries, or the stream's last id when none waits.
+async fn take(
+    conn: &mut Conn,
+    keys: &Keys,
+    consumer: &str,
+    count: usize,
+) -> Result<Result<Vec<Delivery>, String>, QueueError> {
+    let count = count.max(1).to_string();
+    let args: [&[u8]; 3] = [GROUP.as_bytes(), consumer.as_bytes(), count.as_bytes()];
+    let reply = scripts()
+        .read
+        .run(
+            conn,
+            &[keys.jobs(), keys.inflight()],
+            &args,
+            "read new jobs",
+        )
+        .await?;
+    let Value::Array(parts) = reply else {
+        return Err(QueueError::Protocol("read new jobs"));
+    };
+    match (parts.first().and_then(int), parts.get(1)) {
+        (Some(1), Some(Value::Array(entries))) => {
+            let list: Option<Vec<Delivery>> = entries.iter().map(parse_entry).collect();
+            list.map(Ok).ok_or(QueueError::Protocol("read new jobs"))
+        }
+        (Some(0), Some(last)) => Ok(Err(text(last).unwrap_or_else(|| "0-0".into()))),
+        _ => Err(QueueError::Protocol("read new jobs")),
+    }
+}
+
+/// Blocks up to `block_ms` until the stream has an entry after `after`, without
+/// consuming it; true when one arrived.
+async fn wait_new(
+    conn: &mut Conn,
+    keys: &Keys,
+    after: &str,
+    block_ms: u64,
+) -> Result<bool, QueueError> {
+    let reply: Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1)
+        .arg("BLOCK")
+        .arg(block_ms.max(1))
+        .arg("STREAMS")
+        .arg(keys.jobs())
+        .arg(after)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("wait for new jobs"))?;
+    Ok(!matches!(reply, Value::Nil))
 }
 
 /// Reads this consumer's own pending entries after `after` (`0` first), with their
@@ -215,7 +262,7 @@ pub struct Started<'a> {
     pub reply_to: Option<&'a str>,
 }
 
-/// Marks a batch's jobs running (never a terminal one) and indexes their entry ids.
+/// Marks a batch's jobs running (never a terminal one).
 /// One round trip; callers usually spawn it and move on.
 pub async fn mark_running(
     conn: &mut Conn,
@@ -227,8 +274,7 @@ pub async fn mark_running(
         return Ok(());
     }
     let records: Vec<String> = jobs.iter().map(|j| keys.job(j.job_id)).collect();
-    let mut key_refs: Vec<&str> = vec![keys.inflight()];
-    key_refs.extend(records.iter().map(String::as_str));
+    let key_refs: Vec<&str> = records.iter().map(String::as_str).collect();
     let started = started_ms.to_string();
     let nums: Vec<(String, String)> = jobs
         .iter()
@@ -389,16 +435,21 @@ pub async fn last_error(
         .map_err(QueueError::redis("read the last error"))
 }
 
-/// The job id of a pending entry that vanished from the stream, from the inflight index.
+/// The job id (and reply list) of a pending entry that vanished from the stream,
+/// from the inflight index.
 pub async fn inflight_job(
     conn: &mut Conn,
     keys: &Keys,
     entry_id: &str,
-) -> Result<Option<String>, QueueError> {
-    redis::cmd("HGET")
+) -> Result<Option<(String, Option<String>)>, QueueError> {
+    let v: Option<String> = redis::cmd("HGET")
         .arg(keys.inflight())
         .arg(entry_id)
         .query_async(conn)
         .await
-        .map_err(QueueError::redis("look up a lost entry"))
+        .map_err(QueueError::redis("look up a lost entry"))?;
+    Ok(v.map(|v| match v.split_once(' ') {
+        Some((id, reply)) => (id.to_owned(), Some(reply.to_owned())),
+        None => (v, None),
+    }))
 }

@@ -66,6 +66,29 @@ pub async fn reclaim(
     })
 }
 
+/// Resets the idle time of entries this consumer holds (XCLAIM … JUSTID: no delivery
+/// is counted), so a slow batch or a long wait is not mistaken for a dead worker.
+pub async fn touch(
+    conn: &mut Conn,
+    keys: &Keys,
+    consumer: &str,
+    ids: &[String],
+) -> Result<(), QueueError> {
+    for chunk in ids.chunks(512) {
+        redis::cmd("XCLAIM")
+            .arg(keys.jobs())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(chunk)
+            .arg("JUSTID")
+            .query_async::<Value>(conn)
+            .await
+            .map_err(QueueError::redis("refresh held jobs"))?;
+    }
+    Ok(())
+}
+
 /// `ms-seq` as a sortable pair.
 pub fn entry_order(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));

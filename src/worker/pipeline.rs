@@ -67,6 +67,12 @@ pub(crate) struct Pipeline {
     tracker: TaskTracker,
     stop: CancellationToken,
     claim_cursor: String,
+    /// Entry ids this pipeline holds (waiting, in flight, or being written): their
+    /// idle time is refreshed so no janitor, ours included, reclaims them.
+    held: Held,
+    /// Average rows per job lately: a read asks for about `need / rows_per_job`
+    /// entries, so multi-row jobs do not pile up far beyond `max_batch` rows.
+    rows_per_job: f64,
     last_janitor: Instant,
     last_trim: Instant,
     last_stale_check: Instant,
@@ -96,6 +102,8 @@ impl Pipeline {
             tracker,
             stop,
             claim_cursor: "0-0".into(),
+            held: Held::default(),
+            rows_per_job: 1.0,
             last_janitor: long_ago,
             last_trim: long_ago,
             last_stale_check: Instant::now(),
@@ -112,6 +120,13 @@ impl Pipeline {
                 return;
             }
         }
+        self.tracker.spawn(keep_held(
+            self.held.clone(),
+            self.writer.clone(),
+            Arc::clone(&self.keys),
+            Arc::clone(&self.cfg),
+            self.stop.clone(),
+        ));
         self.drain_own_pending(&mut backoff).await;
         while !self.stop.is_cancelled() {
             if let Err(e) = self.step().await {
@@ -208,7 +223,7 @@ impl Pipeline {
             .saturating_sub(waiting_rows(&self.waiting));
         if need > 0 {
             let block = self.waiting.is_empty().then_some(BLOCK_MS);
-            let got = self.read(need, block).await?;
+            let got = self.read(self.entries_for(need), block).await?;
             self.intake(got).await;
             if !batch_cfg.max_wait.is_zero() && !self.waiting.is_empty() {
                 let until = Instant::now() + batch_cfg.max_wait;
@@ -220,7 +235,10 @@ impl Pipeline {
                     }
                     let need = batch_cfg.max_batch - waiting_rows(&self.waiting);
                     let got = self
-                        .read(need, Some((left.as_millis() as u64).max(1)))
+                        .read(
+                            self.entries_for(need),
+                            Some((left.as_millis() as u64).max(1)),
+                        )
                         .await?;
                     self.intake(got).await;
                 }
@@ -259,6 +277,7 @@ impl Pipeline {
 
     async fn intake(&mut self, deliveries: Vec<Delivery>) {
         let mut answered = Vec::new();
+        let (before, rows_before) = (self.waiting.len(), waiting_rows(&self.waiting));
         for d in deliveries {
             // Every log line about this job carries its model and id (recorded once
             // the entry is parsed). A debug span: at info level an enabled span per job
@@ -271,8 +290,14 @@ impl Pipeline {
                 id = tracing::field::Empty,
                 traceparent = tracing::field::Empty
             );
-            if let Some(t) = self.check(d).instrument(span).await {
-                answered.push(t);
+            let entry_id = d.entry_id.clone();
+            let queued = self.waiting.len();
+            self.held.insert(&entry_id);
+            match self.check(d).instrument(span).await {
+                Some(t) => answered.push(t),
+                // Left pending for a later try (retryable): let the janitor have it.
+                None if self.waiting.len() == queued => self.held.remove(&entry_id),
+                None => {}
             }
         }
         if !answered.is_empty() {
@@ -281,9 +306,26 @@ impl Pipeline {
                 Arc::clone(&self.keys),
                 Arc::clone(&self.cfg),
             );
-            self.tracker
-                .spawn(write_results(writer, keys, cfg, answered));
+            self.tracker.spawn(write_results(
+                writer,
+                keys,
+                cfg,
+                answered,
+                self.held.clone(),
+            ));
         }
+        let (jobs, rows) = (
+            self.waiting.len().saturating_sub(before),
+            waiting_rows(&self.waiting).saturating_sub(rows_before),
+        );
+        if jobs > 0 {
+            self.rows_per_job = 0.7 * self.rows_per_job + 0.3 * (rows as f64 / jobs as f64);
+        }
+    }
+
+    /// How many entries to read for `rows` more rows, by the recent rows per job.
+    fn entries_for(&self, rows: usize) -> usize {
+        ((rows as f64 / self.rows_per_job.max(1.0)).ceil() as usize).clamp(1, rows.max(1))
     }
 
     /// Turns a delivery into a ready job, or into its terminal answer, or (retryable
@@ -422,10 +464,15 @@ impl Pipeline {
             .with_label_values(&[self.keys.model()])
             .inc();
         tracing::error!(model = self.keys.model(), entry = %info.entry_id, "a pending job's stream entry vanished (trimmed or lost by Redis)");
-        info.job_id = consume::inflight_job(&mut self.writer, &self.keys, &info.entry_id)
+        // The entry is gone; the inflight index kept its job id and reply list.
+        let found = consume::inflight_job(&mut self.writer, &self.keys, &info.entry_id)
             .await
             .ok()
             .flatten();
+        if let Some((id, reply)) = found.filter(|(id, _)| crate::protocol::job::valid_id(id)) {
+            info.job_id = Some(id);
+            info.reply_to = reply.filter(|r| self.keys.is_reply_key(r));
+        }
         let msg = "lost: the job's stream entry vanished before it was computed (stream trimmed or Redis lost data)".to_owned();
         Some(terminal(&info, End::Failed("lost", msg)))
     }
@@ -495,6 +542,7 @@ impl Pipeline {
             Arc::clone(&self.keys),
             Arc::clone(&self.cfg),
         );
+        let held = self.held.clone();
         self.tracker.spawn(async move {
             let outputs = rx.await.map_err(|_| RuntimeError::Stopped(model.label()));
             let m = metrics();
@@ -527,12 +575,13 @@ impl Pipeline {
                             )
                             .await;
                         }
+                        held.remove(&job.info.entry_id);
                         continue;
                     }
                 };
                 results.push(terminal(&job.info, end));
             }
-            write_results(writer, keys, cfg, results).await;
+            write_results(writer, keys, cfg, results, held).await;
             let _ = batch_done.send(());
         });
     }
@@ -569,7 +618,13 @@ impl Pipeline {
                         fields: None,
                         deliveries: 0,
                     });
-                    let all: Vec<Delivery> = r.entries.into_iter().chain(gone).collect();
+                    let mine = |d: &Delivery| self.held.contains(&d.entry_id);
+                    let all: Vec<Delivery> = r
+                        .entries
+                        .into_iter()
+                        .filter(|d| !mine(d))
+                        .chain(gone)
+                        .collect();
                     self.intake(all).await;
                 }
                 Err(e) => tracing::warn!(model = self.keys.model(), error = %e, "reclaim failed"),
@@ -624,6 +679,7 @@ async fn write_results(
     keys: Arc<Keys>,
     cfg: Arc<WorkerConfig>,
     terminals: Vec<Terminal>,
+    held: Held,
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(2));
     let never = CancellationToken::new();
@@ -646,6 +702,9 @@ async fn write_results(
             }
         }
     };
+    for t in &terminals {
+        held.remove(&t.entry_id);
+    }
     let m = metrics();
     let now = crate::now_ms();
     let end_to_end = m.end_to_end.with_label_values(&[keys.model()]);
@@ -686,5 +745,56 @@ async fn write_results(
         m.duplicate_deliveries
             .with_label_values(&[keys.model()])
             .inc_by(duplicates);
+    }
+}
+
+/// Refreshes the idle time of every held entry each third of `claim_after`, on its
+/// own timer: a batch may keep the pipeline waiting for an inference thread far longer.
+async fn keep_held(
+    held: Held,
+    mut writer: Conn,
+    keys: Arc<Keys>,
+    cfg: Arc<WorkerConfig>,
+    stop: CancellationToken,
+) {
+    let every = (cfg.queue.claim_after / 3).max(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let ids = held.snapshot();
+        if let Err(e) = janitor::touch(&mut writer, &keys, &cfg.consumer, &ids).await {
+            tracing::warn!(model = keys.model(), error = %e, "cannot refresh held jobs");
+        }
+    }
+}
+
+/// The set of entry ids a pipeline holds, shared with its result-writing tasks.
+#[derive(Debug, Clone, Default)]
+struct Held(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl Held {
+    fn insert(&self, id: &str) {
+        if let Ok(mut h) = self.0.lock() {
+            h.insert(id.to_owned());
+        }
+    }
+
+    fn remove(&self, id: &str) {
+        if let Ok(mut h) = self.0.lock() {
+            h.remove(id);
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.0.lock().is_ok_and(|h| h.contains(id))
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
     }
 }
