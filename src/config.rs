@@ -218,6 +218,15 @@ pub struct QueueConfig {
 }
 
 impl Settings {
+    /// Treats an empty value (`INFERQ_API_KEYS=` in a compose file) as unset.
+    pub fn drop_empty_values(&mut self) {
+        self.api_keys.retain(|k| !k.trim().is_empty());
+        self.serve_models.retain(|m| !m.trim().is_empty());
+        self.redis_url = self.redis_url.take().filter(|u| !u.trim().is_empty());
+        self.cors_origin = self.cors_origin.take().filter(|o| !o.trim().is_empty());
+        self.consumer = self.consumer.take().filter(|c| !c.trim().is_empty());
+    }
+
     /// Checks every setting once, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
         let positive = |v: u64, name: &str| {

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{TempRegistry, inferq_command, model_path, run_fail, run_ok};
+use common::{TempRegistry, inferq_command, model_path, run_exit, run_fail, run_ok};
 use inferq::registry::sha256_hex;
 use serde_json::Value;
 
@@ -332,4 +332,23 @@ fn a_missing_onnx_runtime_is_one_clear_sentence() {
     let out = run(Some(&model_path("iris-f64")));
     assert!(out.contains("cannot load ONNX Runtime from"), "{out}");
     assert_eq!(out.trim().lines().count(), 1, "one line:\n{out}");
+}
+
+#[test]
+fn empty_environment_values_count_as_unset() {
+    let r = TempRegistry::empty();
+    // Compose files often pass `INFERQ_API_KEYS=` through when the shell has none.
+    let out = run_ok(
+        models(r.path(), &["list", "--json"])
+            .env("INFERQ_API_KEYS", "")
+            .env("INFERQ_SERVE_MODELS", "")
+            .env("INFERQ_REDIS_URL", ""),
+    );
+    assert_eq!(out.trim(), "[]");
+    // A real but bad value is still refused, naming the setting.
+    let err = run_exit(
+        models(r.path(), &["list"]).env("INFERQ_API_KEYS", "short"),
+        2,
+    );
+    assert!(err.contains("INFERQ_API_KEYS"), "{err}");
 }

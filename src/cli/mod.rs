@@ -75,7 +75,8 @@ pub fn parse() -> anyhow::Result<Cli> {
         }
     }
     let matches = command.get_matches_from(args);
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.settings.drop_empty_values();
     cli.settings
         .validate()
         .map_err(anyhow::Error::msg)
