@@ -52,7 +52,7 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Load generator: throughput and latency through Redis or HTTP, drain-mode
     /// capacity, and the in-process ONNX Runtime ceiling.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Inspect and re-drive dead-lettered jobs.
     Dlq {
         /// What to do with them.
@@ -106,6 +106,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker => roles::run(&cli.settings, roles::Role::Worker),
         Command::Dlq { command } => dlq::run(&cli.settings, command),
         Command::Submit(args) => submit::run(&cli.settings, args),
-        Command::Bench(args) => bench::run(&cli.settings, args),
+        Command::Bench(args) => bench::run(&cli.settings, *args),
     }
 }

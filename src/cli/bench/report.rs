@@ -206,8 +206,10 @@ pub(super) fn sweep_svg(reports: &[Report]) -> String {
     let (w, h, m) = (640.0, 400.0, 56.0);
     let x_max = reports.iter().map(|r| r.jobs_per_s).fold(1.0, f64::max) * 1.05;
     let y_max = reports.iter().map(|r| r.latency_ms.p99).fold(0.1, f64::max) * 1.1;
-    let x = |v: f64| m + v / x_max * (w - 2.0 * m);
-    let y = |v: f64| h - m - v / y_max * (h - 2.0 * m);
+    // The plot area inside the margins: 528 x 288.
+    let (x_scale, y_scale) = (528.0 / x_max, 288.0 / y_max);
+    let x = |v: f64| v.mul_add(x_scale, m);
+    let y = |v: f64| h - v.mul_add(y_scale, m);
     let mut out = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
@@ -222,7 +224,8 @@ pub(super) fn sweep_svg(reports: &[Report]) -> String {
         tb = h - 16.0,
         cy = h / 2.0,
     );
-    let series: [(&str, &str, fn(&Latency) -> f64); 3] = [
+    type Series = (&'static str, &'static str, fn(&Latency) -> f64);
+    let series: [Series; 3] = [
         ("p50", "#1b9e77", |l| l.p50),
         ("p95", "#d95f02", |l| l.p95),
         ("p99", "#7570b3", |l| l.p99),
@@ -245,7 +248,7 @@ pub(super) fn sweep_svg(reports: &[Report]) -> String {
             out,
             r#"<text x="{:.0}" y="{:.0}" fill="{color}">{name}</text>"#,
             w - m - 40.0,
-            m + 16.0 * k as f64
+            16.0f64.mul_add(k as f64, m)
         );
     }
     out + "</svg>\n"

@@ -2,7 +2,7 @@
 //! the start of a run. Each job's latency is measured from its scheduled time, so a
 //! sender that falls behind shows up as latency instead of hiding it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,6 +63,38 @@ impl Schedule {
     }
 }
 
+/// Delivers each arrival's due instant at (about) that instant, from an OS thread that
+/// sleeps precisely: tokio's timer ticks in whole milliseconds, which would add up to
+/// 1 ms of sender lateness to every open-loop latency. Stops at `until`, or when the
+/// receiver is dropped.
+pub(super) fn ticker(
+    start: Instant,
+    mut schedule: Schedule,
+    until: Instant,
+) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("bench-ticker".into())
+        .spawn(move || {
+            loop {
+                let due = start + schedule.next_offset();
+                if due >= until {
+                    break;
+                }
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if tx.send(due).is_err() {
+                    break;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the arrival ticker; no job will be sent");
+    }
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +130,20 @@ mod tests {
         let again = Schedule::new(1000.0, Arrivals::Poisson, 42)
             .bounded(Duration::from_secs(20), usize::MAX);
         assert_eq!(t, again);
+    }
+
+    #[tokio::test]
+    async fn the_ticker_delivers_each_arrival_on_time_and_stops() {
+        let start = Instant::now();
+        let until = start + Duration::from_millis(200);
+        let mut rx = ticker(start, Schedule::new(100.0, Arrivals::Constant, 1), until);
+        let mut got = Vec::new();
+        while let Some(due) = rx.recv().await {
+            got.push((due, Instant::now()));
+        }
+        assert_eq!(got.len(), 20);
+        for (due, at) in got {
+            assert!(at >= due, "delivered before it was due");
+        }
     }
 }

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use super::http::HttpClient;
 use super::load::{Clock, Pace, Plan, wait_answers};
 use super::reference::{JobData, check, pick};
-use super::schedule::Schedule;
+use super::schedule::{Schedule, ticker};
 use super::stats::{Ending, Ledger, Tally};
 
 /// Open-loop requests in flight at most; beyond it a job fails at once (`overload`)
@@ -179,14 +179,10 @@ pub(super) async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Tally> {
             }
         }
         Pace::Open { rate, arrivals } => {
-            let mut schedule = Schedule::new(rate, arrivals, rand::random());
+            let schedule = Schedule::new(rate, arrivals, rand::random());
+            let mut due_times = ticker(clock.start, schedule, clock.send_until());
             let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-            loop {
-                let due = clock.start + schedule.next_offset();
-                if due >= clock.send_until() {
-                    break;
-                }
-                tokio::time::sleep_until(due.into()).await;
+            while let Some(due) = due_times.recv().await {
                 let Some((seq, measured)) = clock.admit(due) else {
                     break;
                 };

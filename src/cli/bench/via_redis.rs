@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use super::load::{Clock, Pace, Plan, wait_answers};
 use super::reference::{JobData, check, pick};
-use super::schedule::Schedule;
+use super::schedule::{Schedule, ticker};
 use super::stats::{Ending, Ledger, Tally};
 use crate::protocol::job::{PROTOCOL_VERSION, field};
 use crate::queue::{Conn, GROUP, Keys, RedisTarget};
@@ -119,18 +119,18 @@ pub(super) async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Tally> {
         Arc::clone(&stop),
     ));
     let clock = Clock::new(plan);
-    let mut schedule = match plan.pace {
-        Pace::Open { rate, arrivals } => Some(Schedule::new(rate, arrivals, rand::random())),
+    let mut arrivals = match plan.pace {
+        Pace::Open { rate, arrivals } => Some(ticker(
+            clock.start,
+            Schedule::new(rate, arrivals, rand::random()),
+            clock.send_until(),
+        )),
         Pace::Closed { .. } => None,
     };
-    let mut next_due = clock.start;
-    if let Some(s) = &mut schedule {
-        next_due = clock.start + s.next_offset();
-    }
     let mut send_error = None;
     'send: loop {
         let mut due_times = Vec::with_capacity(CHUNK);
-        match &mut schedule {
+        match &mut arrivals {
             None => {
                 let Ok(p) = permits.acquire().await else {
                     break;
@@ -146,18 +146,14 @@ pub(super) async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Tally> {
                 }
                 due_times.resize(n, Instant::now());
             }
-            Some(s) => {
-                let now = Instant::now();
-                if next_due > now {
-                    if next_due >= clock.send_until() {
-                        break;
+            Some(rx) => {
+                let Some(due) = rx.recv().await else { break };
+                due_times.push(due);
+                while due_times.len() < CHUNK {
+                    match rx.try_recv() {
+                        Ok(due) => due_times.push(due),
+                        Err(_) => break,
                     }
-                    tokio::time::sleep_until(next_due.into()).await;
-                    continue;
-                }
-                while next_due <= now && due_times.len() < CHUNK {
-                    due_times.push(next_due);
-                    next_due = clock.start + s.next_offset();
                 }
             }
         }
