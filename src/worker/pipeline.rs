@@ -319,7 +319,8 @@ impl Pipeline {
             waiting_rows(&self.waiting).saturating_sub(rows_before),
         );
         if jobs > 0 {
-            self.rows_per_job = 0.7 * self.rows_per_job + 0.3 * (rows as f64 / jobs as f64);
+            self.rows_per_job =
+                0.7f64.mul_add(self.rows_per_job, 0.3 * (rows as f64 / jobs as f64));
         }
     }
 
