@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::queue::*;
 use common::{RedisOptions, assert_outputs};
 use inferq::protocol::job::JobEntry;
-use inferq::queue::Keys;
+use inferq::queue::{Keys, janitor};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -352,4 +352,107 @@ async fn redis_killed_and_restarted_mid_run_loses_no_acknowledged_job() {
             .all(|id| acked.contains(id) || unsure.contains(id)),
         "a result for a job never submitted"
     );
+}
+
+/// Consumers come and go with pods: one that holds nothing and has been idle long
+/// enough is removed from the group; one that still holds a pending entry is kept,
+/// or that entry could never be claimed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_consumers_without_pending_jobs_are_removed() {
+    let mut s = Setup::new("tutorial-rf", RedisOptions::default()).await;
+    let keys = Keys::new(&s.model);
+    let mut conn = inferq::queue::RedisTarget::parse(&s.redis.url())
+        .unwrap()
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    inferq::queue::consume::ensure_group(&mut conn, &keys)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(keys.jobs())
+        .arg("*")
+        .arg("v")
+        .arg("1")
+        .arg("id")
+        .arg("held")
+        .arg("body")
+        .arg("{}")
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    // "holder" takes the entry and never acknowledges it; "ghost" holds nothing.
+    let taken = inferq::queue::consume::read_new(&mut conn, &keys, "holder", 1, None)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    let created: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(keys.jobs())
+        .arg("inferq")
+        .arg("ghost")
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    assert_eq!(created, 1);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let removed =
+        janitor::remove_stale_consumers(&mut conn, &keys, Duration::from_millis(10), "live")
+            .await
+            .unwrap();
+    assert_eq!(
+        removed, 1,
+        "only the idle consumer without pending entries goes"
+    );
+    let consumers = consumer_names(&mut s.conn, &keys).await;
+    assert_eq!(consumers, vec!["holder".to_owned()]);
+
+    // A worker does the same on its own, at ten times claim_after (at least 10 s).
+    let created: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(keys.jobs())
+        .arg("inferq")
+        .arg("ghost2")
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    assert_eq!(created, 1);
+    let w = start_worker(&s.redis, &s.registry, worker_config(&s.model, "live")).await;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let now = consumer_names(&mut s.conn, &keys).await;
+        if !now.contains(&"ghost2".to_owned()) {
+            assert!(now.contains(&"live".to_owned()), "{now:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "ghost2 still there: {now:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(w.shutdown().await);
+}
+
+async fn consumer_names(conn: &mut redis::aio::MultiplexedConnection, keys: &Keys) -> Vec<String> {
+    let v: redis::Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(keys.jobs())
+        .arg("inferq")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(list) = v else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|c| {
+            let redis::Value::Array(kv) = c else {
+                return None;
+            };
+            kv.chunks_exact(2).find_map(|p| match (&p[0], &p[1]) {
+                (redis::Value::BulkString(k), redis::Value::BulkString(v)) if k == b"name" => {
+                    Some(String::from_utf8_lossy(v).into_owned())
+                }
+                _ => None,
+            })
+        })
+        .collect()
 }
