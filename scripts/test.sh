@@ -26,11 +26,8 @@ cargo clippy --locked --all-targets -- -D warnings
 
 if cargo nextest --version >/dev/null 2>&1; then
   step "cargo nextest run"
+  # nextest does not run doc tests; the crate has none (examples are run as tests).
   cargo nextest run --locked --no-fail-fast "$@"
-  if [ "$#" -eq 0 ]; then
-    step "doc tests"  # nextest does not run them
-    cargo test --locked --doc
-  fi
 else
   step "cargo test (cargo-nextest is not installed)"
   cargo test --locked --no-fail-fast "$@"
