@@ -279,6 +279,26 @@ impl<'de> Visitor<'de> for &mut Flat {
     }
 }
 
+/// Encodes an OIP v2 request with flat data (what `inferq bench` sends). FP32 values
+/// are written as the f64 of the same value, which parses back to exactly that f32.
+pub fn encode_request(inputs: &[Tensor]) -> Vec<u8> {
+    let inputs: Vec<serde_json::Value> = inputs
+        .iter()
+        .map(|t| {
+            let data = match &t.data {
+                TensorData::Bool(v) => serde_json::json!(v),
+                TensorData::Int32(v) => serde_json::json!(v),
+                TensorData::Int64(v) => serde_json::json!(v),
+                TensorData::Fp32(v) => serde_json::json!(v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()),
+                TensorData::Fp64(v) => serde_json::json!(v),
+            };
+            serde_json::json!({ "name": t.name, "shape": t.shape, "datatype": t.data.datatype().as_str(), "data": data })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({ "inputs": inputs }))
+        .expect("JSON values serialize, this is a bug")
+}
+
 /// One output tensor of an OIP v2 response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutputTensor {

@@ -71,7 +71,7 @@ impl QueueError {
 }
 
 /// Bytes of a Redis bulk reply as text (lossy for non-UTF-8).
-fn text(v: &redis::Value) -> Option<String> {
+pub(crate) fn text(v: &redis::Value) -> Option<String> {
     match v {
         redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         redis::Value::SimpleString(s) => Some(s.clone()),

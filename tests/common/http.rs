@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use inferq::api::{self, ApiConfig, App, ServerLimits};
 use inferq::config::Settings;
-use inferq::protocol::{Tensor, TensorData};
+use inferq::protocol::Tensor;
 use inferq::queue::RedisTarget;
 use inferq::queue::notify::Notifier;
 use inferq::worker::Worker;
@@ -405,33 +405,10 @@ impl Client {
 /// An OIP v2 JSON inference request body carrying `inputs` (encoded here, not by the
 /// codec under test), with extra top-level fields from `extra` (e.g. `id`).
 pub fn infer_body(inputs: &[Tensor], extra: Value) -> String {
-    let tensors: Vec<Value> = inputs
-        .iter()
-        .map(|t| {
-            let data = match &t.data {
-                TensorData::Bool(v) => serde_json::json!(v),
-                TensorData::Int32(v) => serde_json::json!(v),
-                TensorData::Int64(v) => serde_json::json!(v),
-                // f32 -> f64 is exact and prints shortest-exact, so the worker reads
-                // back exactly these floats.
-                TensorData::Fp32(v) => {
-                    serde_json::json!(v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>())
-                }
-                TensorData::Fp64(v) => serde_json::json!(v),
-            };
-            serde_json::json!({
-                "name": t.name,
-                "shape": t.shape,
-                "datatype": t.data.datatype().as_str(),
-                "data": data,
-            })
-        })
-        .collect();
-    let mut body = serde_json::json!({ "inputs": tensors });
+    let mut body: Value =
+        serde_json::from_slice(&super::queue::oip_body(inputs)).expect("the body is JSON");
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            b.insert(k.clone(), v.clone());
-        }
+        b.extend(e.clone());
     }
     body.to_string()
 }

@@ -71,7 +71,7 @@ impl Reference {
         let inputs: Vec<Tensor> = self.inputs.iter().map(|t| cycled(t, start, n)).collect();
         Ok(JobData {
             bin: binary::encode(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?,
-            json: oip_request(&inputs),
+            json: crate::protocol::oip::encode_request(&inputs),
             expected: self.outputs.iter().map(|t| cycled(t, start, n)).collect(),
         })
     }
@@ -146,30 +146,6 @@ fn json_tensor(v: &serde_json::Value) -> anyhow::Result<Tensor> {
         shape,
         data,
     })
-}
-
-/// An OIP v2 request with flat data.
-fn oip_request(inputs: &[Tensor]) -> Vec<u8> {
-    let inputs: Vec<serde_json::Value> = inputs
-        .iter()
-        .map(|t| {
-            let data = match &t.data {
-                TensorData::Bool(v) => serde_json::json!(v),
-                TensorData::Int32(v) => serde_json::json!(v),
-                TensorData::Int64(v) => serde_json::json!(v),
-                TensorData::Fp32(v) => serde_json::json!(v),
-                TensorData::Fp64(v) => serde_json::json!(v),
-            };
-            serde_json::json!({
-                "name": t.name,
-                "shape": t.shape,
-                "datatype": t.data.datatype().as_str(),
-                "data": data,
-            })
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({ "inputs": inputs }))
-        .expect("JSON values serialize, this is a bug")
 }
 
 /// An OIP v2 response as far as checking needs it.

@@ -19,6 +19,7 @@ use super::reference::{JobData, check, pick};
 use super::schedule::{Schedule, ticker};
 use super::stats::{Ending, Ledger, Tally};
 use crate::protocol::job::{PROTOCOL_VERSION, field};
+use crate::queue::text;
 use crate::queue::{Conn, GROUP, Keys, RedisTarget};
 
 /// Entries per pipelined round trip.
@@ -388,15 +389,6 @@ async fn group_state(conn: &mut Conn, keys: &Keys) -> anyhow::Result<GroupState>
         });
     }
     Ok(GroupState::default())
-}
-
-fn text(v: &redis::Value) -> Option<String> {
-    match v {
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        redis::Value::SimpleString(s) => Some(s.clone()),
-        redis::Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
 }
 
 /// True when the group has read up to the stream's last entry.
