@@ -170,6 +170,12 @@ pub struct Settings {
     /// Log format: `text` or `json`.
     #[arg(long, env = "INFERQ_LOG_FORMAT", default_value = "text", global = true)]
     pub log_format: String,
+
+    /// Async threads of the process (Redis I/O, HTTP, result building; inference has
+    /// threads of its own). Default: 1 for `worker`, where more only add context
+    /// switches on a small host, else the number of cores.
+    #[arg(long, env = "INFERQ_ASYNC_THREADS", global = true)]
+    pub async_threads: Option<usize>,
 }
 
 /// What a worker needs.
@@ -237,6 +243,9 @@ impl Settings {
             }
         };
         positive(self.max_batch as u64, "INFERQ_MAX_BATCH")?;
+        if self.async_threads == Some(0) {
+            return Err("INFERQ_ASYNC_THREADS must be at least 1".into());
+        }
         if self.max_batch > 2048 {
             return Err(
                 "INFERQ_MAX_BATCH must be at most 2048 rows (one result script per batch)".into(),
@@ -389,6 +398,7 @@ impl fmt::Debug for Settings {
             .field("dlq_retention_s", &self.dlq_retention_s)
             .field("data_dir", &self.data_dir)
             .field("log_format", &self.log_format)
+            .field("async_threads", &self.async_threads)
             .finish()
     }
 }

@@ -29,7 +29,7 @@ pub enum DlqCommand {
 
 pub(super) fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
     let target = super::roles::redis_target(settings, "dlq")?;
-    super::roles::runtime()?.block_on(async {
+    super::roles::runtime(settings.async_threads)?.block_on(async {
         let mut conn = target.connect(std::time::Duration::from_secs(10)).await?;
         match command {
             DlqCommand::List { model } => {

@@ -52,7 +52,7 @@ pub(super) fn run(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()> {
         }
     };
     let target = super::roles::redis_target(settings, "submit")?;
-    super::roles::runtime()?.block_on(async {
+    super::roles::runtime(settings.async_threads)?.block_on(async {
         let mut conn = target.connect(Duration::from_secs(10)).await?;
         let registry = RegistryCache::new(Registry::new(&settings.models), Duration::from_secs(1));
         let producer = Producer::new(

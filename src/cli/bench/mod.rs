@@ -165,7 +165,7 @@ pub(super) fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         )
     })?;
     let jobs = Arc::new(reference.jobs(args.rows_per_job)?);
-    let runtime = super::roles::runtime()?;
+    let runtime = super::roles::runtime(settings.async_threads)?;
     if args.fill.is_some() || args.drain_wait || args.via == Via::Redis {
         let redis = super::roles::redis_target(settings, "bench --via redis")?;
         let target = via_redis::Target {
