@@ -396,6 +396,15 @@ def celery_system(model, n_sat=3000, rate=200, seconds=5):
             res["r200"] = {**lat_summary(lat), "errors": errs, "jobs": len(lat)}
             log(f"celery {model} {rate}/s: p95 {res['r200']['p95']:.2f} ms")
         finally:
+            # Stop Celery's result listener before its Redis goes away: left running it
+            # retries in a thread and stalled the next stage of the harness.
+            try:
+                consumer = getattr(celery_app.app.backend, "result_consumer", None)
+                if consumer is not None:
+                    consumer.stop()
+                celery_app.app.close()
+            except Exception as e:  # teardown only: report and go on
+                log(f"celery teardown: {e!r}")
             stop([worker])
     finally:
         redis.close()
