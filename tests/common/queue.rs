@@ -116,31 +116,6 @@ pub fn cycled_outputs(reference: &Reference, start: usize, n: usize) -> Vec<Tens
         .collect()
 }
 
-/// One OIP v2 output tensor object, parsed here rather than by the codec under test.
-fn json_tensor(v: &serde_json::Value) -> Tensor {
-    let data = v["data"].as_array().expect("data array");
-    let f = |x: &serde_json::Value| x.as_f64().expect("number");
-    let i = |x: &serde_json::Value| x.as_i64().expect("integer");
-    let data = match v["datatype"].as_str().expect("datatype") {
-        "FP32" => TensorData::Fp32(data.iter().map(|x| f(x) as f32).collect()),
-        "FP64" => TensorData::Fp64(data.iter().map(f).collect()),
-        "INT64" => TensorData::Int64(data.iter().map(i).collect()),
-        "INT32" => TensorData::Int32(data.iter().map(|x| i(x) as i32).collect()),
-        "BOOL" => TensorData::Bool(data.iter().map(|x| x.as_bool().expect("bool")).collect()),
-        other => panic!("output datatype {other} is not supported by the tests"),
-    };
-    Tensor {
-        name: v["name"].as_str().expect("name").to_owned(),
-        shape: v["shape"]
-            .as_array()
-            .expect("shape")
-            .iter()
-            .map(|d| d.as_u64().expect("dimension") as usize)
-            .collect(),
-        data,
-    }
-}
-
 /// An async connection whose replies may take up to 30 s (blocking reads, fsync).
 pub async fn connect(redis: &RedisServer) -> MultiplexedConnection {
     let cfg = redis::AsyncConnectionConfig::new()
@@ -383,7 +358,7 @@ pub fn outputs_of(rec: &Record) -> Vec<Tensor> {
         .as_array()
         .unwrap_or_else(|| panic!("outputs JSON has no `outputs`: {text}"))
         .iter()
-        .map(json_tensor)
+        .map(super::json_tensor)
         .collect()
 }
 
