@@ -343,3 +343,47 @@ async fn with_max_wait_a_lone_job_waits_about_max_wait_and_latecomers_join_it() 
     );
     assert!(worker.shutdown().await);
 }
+
+/// A model's own batching settings (from its manifest) override the worker's:
+/// registered with batches of at most 4 rows, 40 waiting one-row jobs run in at least
+/// 10 batches although the worker's default is 64 rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_manifest_batching_overrides_the_worker_default() {
+    let mut s = setup().await;
+    // Version 2 of the model, same file, with its own batch size.
+    let file = common::model_path("tutorial-rf");
+    let new = inferq::registry::NewVersion {
+        batching: Some(inferq::registry::Batching {
+            max_batch: Some(4),
+            max_wait_ms: None,
+        }),
+        ..Default::default()
+    };
+    let m = s
+        .registry
+        .registry
+        .add(&file, &s.model, new, common::inspect)
+        .unwrap();
+    assert_eq!(m.version, 2);
+    let entries: Vec<JobEntry> = (0..40)
+        .map(|i| json_job(&format!("small-{i}"), &cycled_inputs(&s.reference, i, 1)))
+        .collect();
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    produce_all(&mut s.conn, &s.model, &entries).await;
+    let worker = start_worker(&s.redis, &s.registry, worker_config(&s.model, "w")).await;
+    let records = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r["status"] == "succeeded" && r["version"] == "2"),
+        "{records:?}"
+    );
+    let batches = metric("inferq_batch_rows_count", &s.model);
+    let rows = metric("inferq_batch_rows_sum", &s.model);
+    assert_eq!(rows, 40.0);
+    assert!(
+        batches >= 10.0,
+        "{batches} batches for 40 rows at max 4 rows each"
+    );
+    assert!(worker.shutdown().await);
+}
