@@ -28,6 +28,9 @@ use crate::shutdown::Backoff;
 /// and housekeeping).
 const BLOCK_MS: u64 = 1000;
 
+/// How often a batch waiting out `max_wait` looks for more jobs.
+const MAX_WAIT_POLL: Duration = Duration::from_millis(2);
+
 /// A batch still running after this long gets its jobs marked `running`.
 const RUNNING_MARK_AFTER: Duration = Duration::from_millis(20);
 
@@ -234,12 +237,12 @@ impl Pipeline {
                         break;
                     }
                     let need = batch_cfg.max_batch - waiting_rows(&self.waiting);
-                    let got = self
-                        .read(
-                            self.entries_for(need),
-                            Some((left.as_millis() as u64).max(1)),
-                        )
-                        .await?;
+                    // Poll rather than block: Redis ends an idle BLOCK only on its
+                    // 10 Hz cron, which overshot max_wait by up to 100 ms.
+                    let got = self.read(self.entries_for(need), None).await?;
+                    if got.is_empty() {
+                        tokio::time::sleep(left.min(MAX_WAIT_POLL)).await;
+                    }
                     self.intake(got).await;
                 }
             }
