@@ -169,11 +169,11 @@ async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
             Some("too_large"),
         ),
         (
-            // The binary codec refuses before allocating; see the report on its kind.
+            // The same cap and the same kind as for JSON.
             "bin-too-many-elements",
             fields(&[("bin", &bin_six)]),
-            "more than 100 elements",
-            None,
+            "120 elements, over the per-job cap of 100",
+            Some("too_large"),
         ),
         (
             "bin-garbage",

@@ -422,7 +422,10 @@ impl Pipeline {
                     .map(|r| (r.inputs, r.outputs))
             }
             Payload::Binary(bin) => {
-                binary::decode(bin, self.cfg.queue.max_elements).map(|t| (t, Vec::new()))
+                // Capped by the payload's own size (each element takes at least a byte,
+                // and the bytes are already in memory); the per-job element cap is then
+                // enforced by validation, as for JSON, so both answer `too_large`.
+                binary::decode(bin, bin.len()).map(|t| (t, Vec::new()))
             }
         };
         let (inputs, wanted) = match decoded {
