@@ -456,3 +456,35 @@ async fn consumer_names(conn: &mut redis::aio::MultiplexedConnection, keys: &Key
         })
         .collect()
 }
+
+/// A Redis that may evict keys can silently drop jobs and results: a worker says so
+/// at start, naming the policy; with `noeviction` it says nothing.
+#[test]
+fn an_evicting_redis_is_flagged_at_start() {
+    let reg = common::TempRegistry::with_models(&["tutorial-rf"]);
+    for (policy, flagged) in [("allkeys-lru", true), ("noeviction", false)] {
+        let redis = common::RedisServer::with(RedisOptions {
+            args: vec!["--maxmemory-policy".into(), policy.into()],
+            ..RedisOptions::default()
+        });
+        let w = WorkerProcess::spawn(&redis, reg.path(), "w", &[]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !w.log().contains("serving model") {
+            assert!(
+                Instant::now() < deadline,
+                "worker did not start: {}",
+                w.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = w.log();
+        assert_eq!(
+            log.contains("maxmemory-policy is not noeviction"),
+            flagged,
+            "{policy}: {log}"
+        );
+        if flagged {
+            assert!(log.contains(policy), "{log}");
+        }
+    }
+}

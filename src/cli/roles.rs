@@ -107,6 +107,15 @@ async fn run_parts(
         .connect(Duration::from_secs(5))
         .await
         .context("cannot reach Redis")?;
+    let mut check = ops_conn.clone();
+    match crate::queue::janitor::eviction_policy(&mut check).await {
+        Ok(Some(p)) if p != "noeviction" => tracing::warn!(
+            policy = %p,
+            "Redis maxmemory-policy is not noeviction: under memory pressure it may evict jobs, results and consumer-group state; set maxmemory-policy noeviction"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read Redis' eviction policy"),
+    }
     let metrics_listener = TcpListener::bind(settings.metrics_listen)
         .await
         .with_context(|| {

@@ -170,6 +170,20 @@ pub(crate) fn pairs(v: &Value) -> Vec<(String, &Value)> {
     }
 }
 
+/// Redis' `maxmemory-policy`, read from `INFO memory` (CONFIG may be disabled).
+/// Anything but `noeviction` may silently evict jobs, records and the group's state.
+pub async fn eviction_policy(conn: &mut Conn) -> Result<Option<String>, QueueError> {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("read INFO memory"))?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+        .map(|v| v.trim().to_owned()))
+}
+
 /// Per-model queue figures for metrics and `/v1/stats`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Depth {
