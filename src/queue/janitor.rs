@@ -170,18 +170,32 @@ pub(crate) fn pairs(v: &Value) -> Vec<(String, &Value)> {
     }
 }
 
-/// Redis' `maxmemory-policy`, read from `INFO memory` (CONFIG may be disabled).
+/// Redis' `maxmemory-policy`, read from `INFO memory` (CONFIG may be disabled). A
+/// cluster answers per node; the first node not at `noeviction` is reported.
 /// Anything but `noeviction` may silently evict jobs, records and the group's state.
 pub async fn eviction_policy(conn: &mut Conn) -> Result<Option<String>, QueueError> {
-    let info: String = redis::cmd("INFO")
+    let info: Value = redis::cmd("INFO")
         .arg("memory")
         .query_async(conn)
         .await
         .map_err(QueueError::redis("read INFO memory"))?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-        .map(|v| v.trim().to_owned()))
+    let texts: Vec<String> = match &info {
+        Value::Map(nodes) => nodes.iter().filter_map(|(_, v)| text(v)).collect(),
+        other => text(other).into_iter().collect(),
+    };
+    let policies: Vec<String> = texts
+        .iter()
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .collect();
+    Ok(policies
+        .iter()
+        .find(|p| *p != "noeviction")
+        .or(policies.first())
+        .cloned())
 }
 
 /// Per-model queue figures for metrics and `/v1/stats`.
