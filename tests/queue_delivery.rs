@@ -123,13 +123,7 @@ async fn connections_killed_during_blocking_reads_lose_no_job() {
     let mut cfg = worker_config(&s.model, "w");
     cfg.queue.claim_after = Duration::from_millis(400);
     let worker = start_worker(&s.redis, &s.registry, cfg).await;
-    warm_up(
-        &mut s.conn,
-        &s.model,
-        &cycled_inputs(&s.reference, 0, 1),
-        WAIT,
-    )
-    .await;
+    s.warm_up(WAIT).await;
 
     // A delivery whose reply is lost: the entry is read under the worker's consumer
     // name (here by us, inside the transaction that adds it, so the worker cannot

@@ -147,16 +147,7 @@ async fn a_restarted_worker_drains_its_own_pending_entries_first() {
         "w1 finished everything before the kill"
     );
     // New work arrives while w1 is down.
-    let fresh: Vec<String> = (0..3).map(|i| format!("fresh-{i}")).collect();
-    for (i, id) in fresh.iter().enumerate() {
-        produce(
-            &mut s.conn,
-            &s.model,
-            id,
-            &cycled_inputs(&s.reference, i, 1),
-        )
-        .await;
-    }
+    let fresh = s.produce_rows("fresh", 3).await;
 
     let t0 = Instant::now();
     let again = WorkerProcess::spawn(&s.redis, s.registry.path(), "w1", &env);
@@ -350,16 +341,7 @@ async fn sigterm_mid_batch_drains_and_exits_cleanly() {
     s.held_by("a", HEAVY_JOBS).await;
     let t0 = Instant::now();
     sigterm.fire();
-    let late: Vec<String> = (0..2).map(|i| format!("late-{i}")).collect();
-    for (i, id) in late.iter().enumerate() {
-        produce(
-            &mut s.conn,
-            &s.model,
-            id,
-            &cycled_inputs(&s.reference, i, 1),
-        )
-        .await;
-    }
+    let late = s.produce_rows("late", 2).await;
     let status = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(12)));
     assert_eq!(
         status.and_then(|s| s.code()),

@@ -223,16 +223,7 @@ async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
     )
     .await;
     // And the worker still serves good jobs afterwards.
-    let good_ids: Vec<String> = (0..3).map(|i| format!("good-{i}")).collect();
-    for (i, id) in good_ids.iter().enumerate() {
-        produce(
-            &mut s.conn,
-            &s.model,
-            id,
-            &cycled_inputs(&s.reference, i, 1),
-        )
-        .await;
-    }
+    let good_ids = s.produce_rows("good", 3).await;
 
     let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
     for ((id, _, says, kind), rec) in cases.iter().zip(&recs) {
@@ -471,13 +462,7 @@ async fn a_job_failing_every_attempt_is_dead_lettered_then_replayed_after_the_fi
     cfg.queue.max_attempts = 2;
     cfg.queue.claim_after = Duration::from_millis(300);
     let worker = start_worker(&s.redis, &s.registry, cfg).await;
-    warm_up(
-        &mut s.conn,
-        &s.model,
-        &cycled_inputs(&s.reference, 0, 1),
-        WAIT,
-    )
-    .await;
+    s.warm_up(WAIT).await;
 
     let reply = reply_key(&s.model, "doomed");
     let doomed = JobEntry {

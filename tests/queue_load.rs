@@ -31,13 +31,7 @@ async fn ten_thousand_jobs_from_four_producers_through_two_workers() {
         cfg.queue.claim_after = Duration::from_secs(30);
         workers.push(start_worker(&s.redis, &s.registry, cfg).await);
     }
-    warm_up(
-        &mut s.conn,
-        &s.model,
-        &cycled_inputs(&s.reference, 0, 1),
-        WAIT,
-    )
-    .await;
+    s.warm_up(WAIT).await;
     let warm_rows = metric("inferq_batch_rows_sum", &s.model);
     let warm_batches = metric("inferq_batch_rows_count", &s.model);
 
@@ -260,13 +254,7 @@ async fn round_trip(s: &mut Setup, id: &str, row: usize) -> (Duration, Record) {
 async fn a_lone_job_is_not_held_back_when_max_wait_is_zero() {
     let mut s = setup().await;
     let worker = start_worker(&s.redis, &s.registry, worker_config(&s.model, "w")).await;
-    warm_up(
-        &mut s.conn,
-        &s.model,
-        &cycled_inputs(&s.reference, 0, 1),
-        WAIT,
-    )
-    .await;
+    s.warm_up(WAIT).await;
     let mut times = Vec::new();
     for i in 0..5 {
         // Idle: the worker is blocked on the stream when the job arrives.
@@ -295,13 +283,7 @@ async fn with_max_wait_a_lone_job_waits_about_max_wait_and_latecomers_join_it() 
     let mut cfg = worker_config(&s.model, "w");
     cfg.batch.max_wait = Duration::from_millis(300);
     let worker = start_worker(&s.redis, &s.registry, cfg).await;
-    warm_up(
-        &mut s.conn,
-        &s.model,
-        &cycled_inputs(&s.reference, 0, 1),
-        WAIT,
-    )
-    .await;
+    s.warm_up(WAIT).await;
     let mut times = Vec::new();
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(100)).await;

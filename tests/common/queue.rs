@@ -54,6 +54,25 @@ impl Setup {
         }
     }
 
+    /// Sends one job through and waits for it: the worker has its model loaded after.
+    pub async fn warm_up(&mut self, timeout: Duration) -> Record {
+        let row = cycled_inputs(&self.reference, 0, 1);
+        warm_up(&mut self.conn, &self.model, &row, timeout).await
+    }
+
+    /// Adds one-row jobs `<prefix>-0…<prefix>-{n-1}` (reference row i for job i) as a
+    /// direct producer; returns their ids.
+    pub async fn produce_rows(&mut self, prefix: &str, n: usize) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("{prefix}-{i}");
+            let row = cycled_inputs(&self.reference, i, 1);
+            produce(&mut self.conn, &self.model, &id, &row).await;
+            ids.push(id);
+        }
+        ids
+    }
+
     /// Reference inputs of `n` rows from row `start` (wrapping around).
     pub fn rows(&self, start: usize, n: usize) -> Vec<Tensor> {
         cycled_inputs(&self.reference, start, n)
