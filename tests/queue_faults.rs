@@ -342,18 +342,7 @@ async fn sigterm_mid_batch_drains_and_exits_cleanly() {
     let t0 = Instant::now();
     sigterm.fire();
     let late = s.produce_rows("late", 2).await;
-    let status = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(12)));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "exit after SIGTERM:\n{}",
-        a.log()
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        t0.elapsed()
-    );
+    a.expect_clean_exit(t0, Duration::from_secs(10), Duration::from_secs(12));
     let recs = records(&mut s.conn, &s.model, &ids).await;
     println!("worker a:\n{}", a.log());
     for (id, rec) in ids.iter().zip(&recs) {
@@ -387,18 +376,7 @@ async fn sigterm_past_the_drain_deadline_leaves_the_rest_pending() {
     s.held_by("a", HEAVY_JOBS).await;
     let t0 = Instant::now();
     a.term();
-    let status = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(5)));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "exit after SIGTERM:\n{}",
-        a.log()
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        t0.elapsed()
-    );
+    a.expect_clean_exit(t0, Duration::from_secs(2), Duration::from_secs(5));
     let left = s.unfinished(&ids).await;
     assert!(
         !left.is_empty(),

@@ -218,6 +218,19 @@ impl WorkerProcess {
         }
     }
 
+    /// Asserts the process exits 0 no later than `within` after `since` (the signal),
+    /// waiting at most `wait` for it.
+    pub fn expect_clean_exit(&mut self, since: Instant, within: Duration, wait: Duration) {
+        let status = tokio::task::block_in_place(|| self.wait_exit(wait));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "exit after SIGTERM:\n{}",
+            self.log()
+        );
+        assert!(since.elapsed() < within, "took {:?}", since.elapsed());
+    }
+
     /// Waits at most `timeout` for it to exit; its status, or `None` if it still runs.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
