@@ -20,8 +20,6 @@ pub mod submit;
 pub use conn::{Conn, RedisTarget};
 pub use keys::{GROUP, Keys};
 
-use crate::error::Retry;
-
 /// Queue failures; `Redis` names the action that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -53,14 +51,6 @@ impl QueueError {
             } else {
                 QueueError::Redis { action, source }
             }
-        }
-    }
-
-    /// Redis errors are worth retrying; a wrong setting is not.
-    pub fn retry(&self) -> Retry {
-        match self {
-            QueueError::Redis { .. } | QueueError::OutOfMemory(_) => Retry::Retryable,
-            QueueError::Config(_) | QueueError::Protocol(_) => Retry::Terminal,
         }
     }
 

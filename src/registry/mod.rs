@@ -163,11 +163,6 @@ impl Registry {
         Registry { root: root.into() }
     }
 
-    /// The root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn model_dir(&self, name: &str) -> Result<PathBuf> {
         if !valid_name(name) {
             return Err(RegistryError::InvalidName(name.to_owned()));
