@@ -100,9 +100,11 @@ def main() -> int:
     for job_id, row in jobs.items():
         record = answered.get(job_id)
         if record is None:
-            # No reply: the record (if any) says where the job is.
+            # No reply: the terminal record, else the running record (if any), says
+            # where the job is.
+            done = r.get(f"inferq:{{{m}}}:result:{job_id}")
             h = r.hgetall(f"inferq:{{{m}}}:job:{job_id}")
-            state = {k.decode(): v.decode() for k, v in h.items()} if h else None
+            state = done.decode() if done else {k.decode(): v.decode() for k, v in h.items()} or None
             print(f"{job_id}: no result within {args.timeout}s; record: {state}", file=sys.stderr)
             failed += 1
             continue

@@ -160,7 +160,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .await
         .with_context(|| format!("connect to {}", args.redis_url))?;
 
-    // inferq:{m}:jobs, inferq:{m}:job:<id>, inferq:{m}:reply:… (one hash tag: one slot).
+    // inferq:{m}:jobs, inferq:{m}:result:<id>, inferq:{m}:reply:… (one hash tag: one slot).
     let keys = Keys::new(&args.model);
     let run_id = job::new_id();
     let reply_to = format!("{}rs-{run_id}", keys.reply_prefix());
@@ -194,6 +194,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             deadline_ms: None,
             reply_to: Some(reply_to.clone()),
             traceparent: None,
+            record: false, // only the gateway writes a record hash with the entry
         };
         let entry_id = enqueue(&mut conn, &keys, &entry).await?;
         eprintln!("enqueued {} as {entry_id} ({encoding})", entry.id);
@@ -253,12 +254,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     for id in pending.keys() {
         ok = false;
-        // No reply: the record (if any) says where the job is.
-        let record: HashMap<String, String> = redis::cmd("HGETALL")
+        // No reply: the terminal record, else the running record (if any), says where
+        // the job is.
+        let (record, result): (HashMap<String, String>, Option<String>) = redis::pipe()
+            .cmd("HGETALL")
             .arg(keys.job(id))
+            .cmd("GET")
+            .arg(keys.result(id))
             .query_async(&mut conn)
             .await
-            .context("HGETALL")?;
+            .context("read the record")?;
+        let record = result.unwrap_or_else(|| format!("{record:?}"));
         eprintln!(
             "{id}: no result within {:?}; record: {record:?}",
             args.timeout

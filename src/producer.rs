@@ -161,6 +161,7 @@ impl Producer {
             deadline_ms: request.deadline_ms,
             reply_to: request.reply_to,
             traceparent: req.traceparent,
+            record: true,
         };
         let meta = SubmitMeta {
             body_sha: &body_sha,

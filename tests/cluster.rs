@@ -317,6 +317,7 @@ fn jobs_for_models_on_three_cluster_nodes_complete() {
             k.dlq().to_owned(),
             k.inflight().to_owned(),
             k.job("x"),
+            k.result("x"),
             format!("{}me", k.reply_prefix()),
         ] {
             assert_eq!(cluster.slot(&key), slot, "{key}");
@@ -423,7 +424,7 @@ fn jobs_for_models_on_three_cluster_nodes_complete() {
         let owner = placed[name].1;
         let on_owner: i64 = redis::cmd("EXISTS")
             .arg(keys.jobs())
-            .arg(keys.job("direct-1"))
+            .arg(keys.result("direct-1"))
             .query(&mut node(owner))
             .expect("EXISTS");
         assert_eq!(on_owner, 2, "{name}'s keys are on node {owner}");

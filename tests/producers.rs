@@ -118,9 +118,10 @@ impl Stack {
         let keys = Keys::new(MODEL);
         let mut conn = self.conn().await;
         for id in ids {
-            let status: Option<String> = conn.hget(keys.job(id), "status").await.expect("HGET");
-            assert_eq!(status.as_deref(), Some("succeeded"), "record of {id}");
-            let ttl: i64 = conn.ttl(keys.job(id)).await.expect("TTL");
+            let record: String = conn.get(keys.result(id)).await.expect("GET");
+            let record: serde_json::Value = serde_json::from_str(&record).expect("JSON record");
+            assert_eq!(record["status"], "succeeded", "record of {id}");
+            let ttl: i64 = conn.ttl(keys.result(id)).await.expect("TTL");
             assert!(
                 (1..=RESULT_TTL_S).contains(&ttl),
                 "record of {id}: TTL {ttl}, expected result_ttl ({RESULT_TTL_S} s) after it turned terminal"
@@ -319,19 +320,20 @@ async fn python_producer_gets_every_result() {
 
     stack.assert_clean(&ids).await;
 
-    // One PUBLISH per job that turned terminal: all of them are in by the time the
-    // replies were read (same script); wait a little longer for any duplicate.
-    let mut published = Vec::new();
+    // One PUBLISH per batch, of the ids that turned terminal (space separated): all of
+    // them are in by the time the replies were read (same script); wait a little longer
+    // for any duplicate.
+    let mut published: Vec<String> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while published.len() < ids.len() {
         match tokio::time::timeout_at(deadline, done.recv()).await {
-            Ok(Some(id)) => published.push(id),
+            Ok(Some(msg)) => published.extend(msg.split(' ').map(str::to_owned)),
             _ => break,
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    while let Ok(id) = done.try_recv() {
-        published.push(id);
+    while let Ok(msg) = done.try_recv() {
+        published.extend(msg.split(' ').map(str::to_owned));
     }
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for id in &published {

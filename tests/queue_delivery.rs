@@ -55,17 +55,14 @@ async fn a_result_written_but_not_acknowledged_is_only_acknowledged_later() {
         .query_async(&mut s.conn)
         .await
         .unwrap();
-    let first = r#"{"model_name":"first","model_version":"1","id":"done-once","outputs":[]}"#;
-    let now = inferq::now_ms().to_string();
-    let _: () = redis::cmd("HSET")
-        .arg(keys.job("done-once"))
-        .arg(&[
-            ("status", "succeeded"),
-            ("model", s.model.as_str()),
-            ("version", "1"),
-        ])
-        .arg(&[("attempts", "1")])
-        .arg(&[("finished_ms", now.as_str()), ("outputs", first)])
+    let first = serde_json::json!({
+        "id": "done-once", "status": "succeeded", "model": s.model, "version": 1,
+        "attempts": 1, "finished_ms": inferq::now_ms(),
+        "outputs": {"model_name": "first", "model_version": "1", "id": "done-once", "outputs": []},
+    });
+    let _: () = redis::cmd("SET")
+        .arg(keys.result("done-once"))
+        .arg(first.to_string())
         .query_async(&mut s.conn)
         .await
         .unwrap();

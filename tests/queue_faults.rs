@@ -418,6 +418,19 @@ async fn jobs_trimmed_away_while_pending_are_answered_as_lost() {
     let a = s.worker("a", &[("INFERQ_CLAIM_AFTER_MS", CLAIM_MS)]).await;
     let ids = s.produce_heavy("lost").await;
     s.held_by("a", HEAVY_JOBS).await;
+    // The worker indexes what it read one round trip after the read (docs/DECISIONS.md).
+    let inflight = Keys::new(&s.model).inflight().to_owned();
+    let deadline = Instant::now() + WAIT;
+    while redis::cmd("HLEN")
+        .arg(&inflight)
+        .query_async::<usize>(&mut s.conn)
+        .await
+        .unwrap()
+        < HEAVY_JOBS
+    {
+        assert!(Instant::now() < deadline, "the reads were never indexed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     a.stop();
     let unfinished = s.unfinished(&ids).await;
     assert!(

@@ -260,7 +260,7 @@ async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
     // Records exist exactly for the jobs that named a valid id.
     let mut records: Vec<String> = touched
         .iter()
-        .filter_map(|k| k.strip_prefix(&keys.job("")).map(str::to_owned))
+        .filter_map(|k| k.strip_prefix(&keys.result("")).map(str::to_owned))
         .collect();
     records.sort();
     let mut expected: Vec<String> = ids.iter().chain(&good_ids).cloned().collect();

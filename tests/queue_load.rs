@@ -115,7 +115,7 @@ async fn ten_thousand_jobs_from_four_producers_through_two_workers() {
     let keys = Keys::new(&s.model);
     let mut pipe = redis::pipe();
     for id in &ids {
-        pipe.cmd("PTTL").arg(keys.job(id));
+        pipe.cmd("PTTL").arg(keys.result(id));
     }
     let ttls: Vec<i64> = pipe.query_async(&mut s.conn).await.unwrap();
     assert!(
@@ -194,7 +194,7 @@ async fn results_and_reply_lists_expire_after_their_ttl() {
             "expired"
         ]
     );
-    let mut all_keys: Vec<String> = ids.iter().map(|id| keys.job(id)).collect();
+    let mut all_keys: Vec<String> = ids.iter().map(|id| keys.result(id)).collect();
     all_keys.push(reply.clone());
     for key in &all_keys {
         let ttl: i64 = redis::cmd("PTTL")

@@ -409,7 +409,7 @@ fn native_stack_survives_a_killed_worker_and_stops_clean() {
     let records: i64 = (0..JOBS)
         .map(|i| {
             redis::cmd("EXISTS")
-                .arg(keys.job(&format!("stack-{i}")))
+                .arg(keys.result(&format!("stack-{i}")))
                 .query::<i64>(&mut conn)
                 .expect("EXISTS")
         })

@@ -26,6 +26,9 @@ pub mod field {
     pub const REPLY_TO: &str = "reply_to";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// `1` when the gateway wrote a record hash beside the entry (the worker then gives
+    /// the hash the result TTL when the job ends).
+    pub const RECORD: &str = "record";
     /// Record: job status.
     pub const STATUS: &str = "status";
     /// Record: model name.
@@ -92,6 +95,8 @@ pub struct JobEntry {
     pub reply_to: Option<String>,
     /// W3C trace context to continue.
     pub traceparent: Option<String>,
+    /// True when a record hash was written with the entry (the gateway's submit).
+    pub record: bool,
 }
 
 /// An entry that cannot be a job; `id` is set when the entry at least named a valid one,
@@ -117,6 +122,7 @@ impl JobEntry {
         let mut deadline = None;
         let mut reply_to = None;
         let mut traceparent = None;
+        let mut record = false;
         let mut problem: Option<String> = None;
         for (k, val) in fields {
             let text = || std::str::from_utf8(val).ok().map(str::to_owned);
@@ -129,6 +135,7 @@ impl JobEntry {
                 b"deadline_ms" => deadline = Some(text()),
                 b"reply_to" => reply_to = text().or_else(|| Some(String::from("\u{fffd}"))),
                 b"traceparent" => traceparent = text(),
+                b"record" => record = val == b"1",
                 _ => {}
             }
         }
@@ -184,6 +191,7 @@ impl JobEntry {
             deadline_ms,
             reply_to,
             traceparent,
+            record,
         })
     }
 
@@ -208,6 +216,9 @@ impl JobEntry {
         }
         if let Some(t) = &self.traceparent {
             f.push((field::TRACEPARENT, t.clone().into_bytes()));
+        }
+        if self.record {
+            f.push((field::RECORD, b"1".to_vec()));
         }
         f
     }

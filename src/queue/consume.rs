@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::script::scripts;
 use super::{Conn, GROUP, Keys, QueueError, int, text};
-use crate::protocol::job::Status;
+use crate::protocol::job::{Status, field};
 
 /// One delivered stream entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,8 +49,10 @@ pub async fn ensure_group(conn: &mut Conn, keys: &Keys) -> Result<(), QueueError
     }
 }
 
-/// Reads up to `count` new entries (`>`) and indexes them in `inferq:{m}:inflight` in
-/// the same script; with `block_ms`, waits that long for one when none waits.
+/// Reads up to `count` new entries (`>`), then indexes them in `inferq:{m}:inflight`
+/// (entry id → job id and reply list), so a pending entry trimmed from the stream can
+/// still be answered by name; with `block_ms`, waits that long for one when none waits.
+/// The connection should be the caller's own: a blocking read holds it.
 pub async fn read_new(
     conn: &mut Conn,
     keys: &Keys,
@@ -58,70 +60,58 @@ pub async fn read_new(
     count: usize,
     block_ms: Option<u64>,
 ) -> Result<Vec<Delivery>, QueueError> {
-    let mut out = match take(conn, keys, consumer, count).await? {
-        Ok(list) => list,
-        Err(last) => match block_ms {
-            Some(ms) if wait_new(conn, keys, &last, ms).await? => {
-                take(conn, keys, consumer, count).await?.unwrap_or_default()
-            }
-            _ => Vec::new(),
-        },
-    };
-    out.iter_mut().for_each(|d| d.deliveries = 1);
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count.max(1));
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms.max(1));
+    }
+    let reply: Value = cmd
+        .arg("STREAMS")
+        .arg(keys.jobs())
+        .arg(">")
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("read new jobs"))?;
+    let out = parse_read(&reply)?;
+    index(conn, keys, &out).await?;
     Ok(out)
 }
 
-/// One run of `read.lua`: the entries, or the stream's last id when none waits.
-async fn take(
-    conn: &mut Conn,
-    keys: &Keys,
-    consumer: &str,
-    count: usize,
-) -> Result<Result<Vec<Delivery>, String>, QueueError> {
-    let count = count.max(1).to_string();
-    let args: [&[u8]; 3] = [GROUP.as_bytes(), consumer.as_bytes(), count.as_bytes()];
-    let reply = scripts()
-        .read
-        .run(
-            conn,
-            &[keys.jobs(), keys.inflight()],
-            &args,
-            "read new jobs",
-        )
-        .await?;
-    let Value::Array(parts) = reply else {
-        return Err(QueueError::Protocol("read new jobs"));
-    };
-    match (parts.first().and_then(int), parts.get(1)) {
-        (Some(1), Some(Value::Array(entries))) => {
-            let list: Option<Vec<Delivery>> = entries.iter().map(parse_entry).collect();
-            list.map(Ok).ok_or(QueueError::Protocol("read new jobs"))
+/// Writes the inflight index of fresh deliveries.
+async fn index(conn: &mut Conn, keys: &Keys, deliveries: &[Delivery]) -> Result<(), QueueError> {
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(keys.inflight());
+    let mut any = false;
+    for d in deliveries {
+        let Some(fields) = &d.fields else { continue };
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .map(|(_, v)| v.as_slice())
+        };
+        let Some(id) = get(field::ID).filter(|id| !id.contains(&b' ')) else {
+            continue;
+        };
+        let mut value = id.to_vec();
+        if let Some(reply) = get(field::REPLY_TO) {
+            value.push(b' ');
+            value.extend_from_slice(reply);
         }
-        (Some(0), Some(last)) => Ok(Err(text(last).unwrap_or_else(|| "0-0".into()))),
-        _ => Err(QueueError::Protocol("read new jobs")),
+        cmd.arg(&d.entry_id).arg(value);
+        any = true;
     }
-}
-
-/// Blocks up to `block_ms` until the stream has an entry after `after`, without
-/// consuming it; true when one arrived.
-async fn wait_new(
-    conn: &mut Conn,
-    keys: &Keys,
-    after: &str,
-    block_ms: u64,
-) -> Result<bool, QueueError> {
-    let reply: Value = redis::cmd("XREAD")
-        .arg("COUNT")
-        .arg(1)
-        .arg("BLOCK")
-        .arg(block_ms.max(1))
-        .arg("STREAMS")
-        .arg(keys.jobs())
-        .arg(after)
-        .query_async(conn)
+    if !any {
+        return Ok(());
+    }
+    cmd.query_async::<Value>(conn)
         .await
-        .map_err(QueueError::redis("wait for new jobs"))?;
-    Ok(!matches!(reply, Value::Nil))
+        .map(drop)
+        .map_err(QueueError::redis("index delivered jobs"))
 }
 
 /// Reads this consumer's own pending entries after `after` (`0` first), with their
@@ -250,8 +240,6 @@ pub(crate) fn parse_entry(e: &Value) -> Option<Delivery> {
 /// A job taken into a batch, for the running mark.
 #[derive(Debug, Clone)]
 pub struct Started<'a> {
-    /// Stream entry id.
-    pub entry_id: &'a str,
     /// Job id.
     pub job_id: &'a str,
     /// Version that will run it.
@@ -273,8 +261,11 @@ pub async fn mark_running(
     if jobs.is_empty() {
         return Ok(());
     }
-    let records: Vec<String> = jobs.iter().map(|j| keys.job(j.job_id)).collect();
-    let key_refs: Vec<&str> = records.iter().map(String::as_str).collect();
+    let owned: Vec<String> = jobs
+        .iter()
+        .flat_map(|j| [keys.job(j.job_id), keys.result(j.job_id)])
+        .collect();
+    let key_refs: Vec<&str> = owned.iter().map(String::as_str).collect();
     let started = started_ms.to_string();
     let nums: Vec<(String, String)> = jobs
         .iter()
@@ -283,7 +274,6 @@ pub async fn mark_running(
     let mut args: Vec<&[u8]> = vec![started.as_bytes(), keys.model().as_bytes()];
     for (j, (v, a)) in jobs.iter().zip(&nums) {
         args.extend([
-            j.entry_id.as_bytes(),
             j.job_id.as_bytes(),
             v.as_bytes(),
             a.as_bytes(),
@@ -304,24 +294,17 @@ pub struct Terminal {
     pub entry_id: String,
     /// Job id (`None` for an entry without a valid id: it is only dead-lettered and acked).
     pub job_id: Option<String>,
-    /// The terminal status.
+    /// The terminal status (for metrics and logs; the record holds it too).
     pub status: Status,
-    /// OIP v2 response JSON when succeeded, else the error message.
-    pub body: String,
-    /// Machine word of the error (`None` on success).
-    pub error_kind: Option<&'static str>,
-    /// Version that ran (or was asked for).
+    /// Version that ran (or was asked for), for metrics.
     pub version: Option<u64>,
-    /// Deliveries so far.
-    pub attempts: u32,
-    /// Batch start, when it got that far.
-    pub started_ms: Option<u64>,
-    /// When it turned terminal.
-    pub finished_ms: u64,
+    /// The terminal record as JSON: what the result key holds and `reply_to` receives.
+    pub record: String,
+    /// True when a record hash may exist (gateway submit, running mark, an earlier
+    /// attempt): it gets the result TTL.
+    pub has_hash: bool,
     /// Reply list (already checked against the model's prefix).
     pub reply_to: Option<String>,
-    /// The record as JSON for `reply_to`; built only when there is a reply list.
-    pub reply_json: Option<String>,
     /// Dead-letter entry fields, when the job used up its attempts or cannot be parsed.
     pub dead_letter: Vec<(String, Vec<u8>)>,
 }
@@ -339,52 +322,48 @@ pub async fn finish(
     if results.is_empty() {
         return Ok(Vec::new());
     }
-    let mut owned_keys: Vec<String> = Vec::with_capacity(results.len() * 2);
-    let mut numbers: Vec<[String; 5]> = Vec::with_capacity(results.len());
+    // Per job: result key, hash key, reply list; an absent hash or reply repeats the
+    // result key. An id-less entry has no record: a throwaway key in the slot stands in.
+    let mut owned: Vec<String> = Vec::with_capacity(results.len() * 2);
+    let mut slots: Vec<(usize, Option<usize>, Option<usize>)> = Vec::with_capacity(results.len());
     for r in results {
-        // An id-less entry has no record: a throwaway key in the slot stands in for it.
-        let rec = keys.job(r.job_id.as_deref().unwrap_or("-"));
-        owned_keys.push(
-            r.reply_to
-                .clone()
-                .filter(|_| r.reply_json.is_some())
-                .unwrap_or_else(|| rec.clone()),
-        );
-        owned_keys.push(rec);
-        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-        numbers.push([
-            opt(r.version),
-            r.attempts.to_string(),
-            opt(r.started_ms),
-            r.finished_ms.to_string(),
-            r.dead_letter.len().to_string(),
-        ]);
+        let id = r.job_id.as_deref().unwrap_or("-");
+        let result = owned.len();
+        owned.push(keys.result(id));
+        let hash = r.has_hash.then(|| {
+            owned.push(keys.job(id));
+            owned.len() - 1
+        });
+        let reply = r.reply_to.as_ref().filter(|_| r.job_id.is_some()).map(|k| {
+            owned.push(k.clone());
+            owned.len() - 1
+        });
+        slots.push((result, hash, reply));
     }
     let mut key_refs: Vec<&str> = vec![keys.jobs(), keys.dlq(), keys.inflight()];
-    for pair in owned_keys.chunks_exact(2) {
-        key_refs.push(&pair[1]);
-        key_refs.push(&pair[0]);
+    for &(result, hash, reply) in &slots {
+        key_refs.extend([
+            owned[result].as_str(),
+            owned[hash.unwrap_or(result)].as_str(),
+            owned[reply.unwrap_or(result)].as_str(),
+        ]);
     }
     let ttl = ttl_s.to_string();
+    let counts: Vec<String> = results
+        .iter()
+        .map(|r| r.dead_letter.len().to_string())
+        .collect();
     let mut args: Vec<&[u8]> = vec![
         super::GROUP.as_bytes(),
         ttl.as_bytes(),
         keys.done().as_bytes(),
         dlq_min_id.as_bytes(),
-        keys.model().as_bytes(),
     ];
-    for (r, [version, attempts, started, finished, d]) in results.iter().zip(&numbers) {
+    for (r, d) in results.iter().zip(&counts) {
         args.extend([
             r.entry_id.as_bytes(),
             r.job_id.as_deref().unwrap_or("").as_bytes(),
-            r.status.as_str().as_bytes(),
-            r.body.as_bytes(),
-            r.error_kind.unwrap_or("").as_bytes(),
-            version.as_bytes(),
-            attempts.as_bytes(),
-            started.as_bytes(),
-            finished.as_bytes(),
-            r.reply_json.as_deref().unwrap_or("").as_bytes(),
+            r.record.as_bytes(),
             d.as_bytes(),
         ]);
         for (f, v) in &r.dead_letter {

@@ -64,7 +64,10 @@ pub async fn replay(
             .collect();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.cmd("DEL").arg(keys.job(&job_id)).ignore();
+        pipe.cmd("DEL")
+            .arg(keys.job(&job_id))
+            .arg(keys.result(&job_id))
+            .ignore();
         let mut xadd = redis::cmd("XADD");
         xadd.arg(keys.jobs()).arg("*");
         for (k, v) in &entry {

@@ -55,9 +55,14 @@ impl Keys {
         &self.inflight
     }
 
-    /// `inferq:{m}:job:<id>`: the job record.
+    /// `inferq:{m}:job:<id>`: the job record while it is queued or running (a hash).
     pub fn job(&self, id: &str) -> String {
         format!("inferq:{{{}}}:job:{id}", self.model)
+    }
+
+    /// `inferq:{m}:result:<id>`: the terminal record (a string of JSON, set once).
+    pub fn result(&self, id: &str) -> String {
+        format!("inferq:{{{}}}:result:{id}", self.model)
     }
 
     /// True when `key` is a reply list this model's workers may write to.
@@ -90,6 +95,7 @@ mod tests {
         let k = Keys::new("digits");
         assert_eq!(k.jobs(), "inferq:{digits}:jobs");
         assert_eq!(k.job("a1"), "inferq:{digits}:job:a1");
+        assert_eq!(k.result("a1"), "inferq:{digits}:result:a1");
         assert!(k.is_reply_key("inferq:{digits}:reply:me"));
         assert!(!k.is_reply_key("inferq:{digits}:reply:"));
         assert!(!k.is_reply_key("inferq:{other}:reply:me"));

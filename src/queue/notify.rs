@@ -109,8 +109,9 @@ impl Notifier {
                                 m = messages.next() => match m {
                                     Some(msg) => {
                                         let channel = msg.get_channel_name().to_owned();
-                                        if let (Some(model), Ok(id)) = (model_of_done_channel(&channel), msg.get_payload::<String>()) {
-                                            self.announce(model, &id);
+                                        // One message per batch: its job ids, space separated.
+                                        if let (Some(model), Ok(ids)) = (model_of_done_channel(&channel), msg.get_payload::<String>()) {
+                                            ids.split(' ').for_each(|id| self.announce(model, id));
                                         }
                                     }
                                     None => break,

@@ -65,7 +65,6 @@ impl Script {
 pub(crate) struct Scripts {
     pub(crate) submit: Script,
     pub(crate) running: Script,
-    pub(crate) read: Script,
     pub(crate) finish: Script,
     pub(crate) cancel: Script,
     pub(crate) trim: Script,
@@ -76,7 +75,6 @@ pub(crate) fn scripts() -> &'static Scripts {
     SCRIPTS.get_or_init(|| Scripts {
         submit: Script::new(include_str!("lua/submit.lua")),
         running: Script::new(include_str!("lua/running.lua")),
-        read: Script::new(include_str!("lua/read.lua")),
         finish: Script::new(include_str!("lua/finish.lua")),
         cancel: Script::new(include_str!("lua/cancel.lua")),
         trim: Script::new(include_str!("lua/trim.lua")),

@@ -42,7 +42,11 @@ pub async fn submit(
     meta: &SubmitMeta<'_>,
 ) -> Result<Submitted, QueueError> {
     let record = keys.job(&entry.id);
-    let fields = entry.to_fields();
+    let result = keys.result(&entry.id);
+    let mut fields = entry.to_fields();
+    if !entry.record {
+        fields.push((crate::protocol::job::field::RECORD, b"1".to_vec()));
+    }
     let max_queue = meta.max_queue.to_string();
     let now = crate::now_ms().to_string();
     let version = meta.version.to_string();
@@ -61,7 +65,12 @@ pub async fn submit(
     }
     let v = scripts()
         .submit
-        .run(conn, &[&record, keys.jobs()], &args, "enqueue a job")
+        .run(
+            conn,
+            &[&record, keys.jobs(), &result],
+            &args,
+            "enqueue a job",
+        )
         .await?;
     let Value::Array(parts) = v else {
         return Err(QueueError::Protocol("enqueue a job"));
@@ -85,25 +94,24 @@ pub async fn submit(
     })
 }
 
-/// The job record, or `None` for an unknown (or expired) job.
+/// The job record, or `None` for an unknown (or expired) job. The hash is read before
+/// the result, so a job that turns terminal between the two reads is seen terminal,
+/// never unknown.
 pub async fn get(conn: &mut Conn, keys: &Keys, id: &str) -> Result<Option<JobRecord>, QueueError> {
-    let h: HashMap<String, String> = redis::cmd("HGETALL")
+    let (hash, result): (HashMap<String, String>, Option<String>) = redis::pipe()
+        .cmd("HGETALL")
         .arg(keys.job(id))
+        .cmd("GET")
+        .arg(keys.result(id))
         .query_async(conn)
         .await
         .map_err(QueueError::redis("read a job record"))?;
-    Ok(JobRecord::from_hash(id, keys.model(), &h))
-}
-
-/// Just the status (cheap check before and after a long-poll wait).
-pub async fn status(conn: &mut Conn, keys: &Keys, id: &str) -> Result<Option<Status>, QueueError> {
-    let s: Option<String> = redis::cmd("HGET")
-        .arg(keys.job(id))
-        .arg(crate::protocol::job::field::STATUS)
-        .query_async(conn)
-        .await
-        .map_err(QueueError::redis("read a job status"))?;
-    Ok(s.as_deref().and_then(Status::parse))
+    match result {
+        Some(json) => serde_json::from_str(&json)
+            .map(Some)
+            .map_err(|_| QueueError::Protocol("read a terminal record (not a job record)")),
+        None => Ok(JobRecord::from_hash(id, keys.model(), &hash)),
+    }
 }
 
 /// What a cancel did.
@@ -125,6 +133,7 @@ pub async fn cancel(
     ttl_s: u64,
 ) -> Result<Cancelled, QueueError> {
     let record = keys.job(id);
+    let result = keys.result(id);
     let reply: Option<String> = redis::cmd("HGET")
         .arg(&record)
         .arg(crate::protocol::job::field::REPLY_TO)
@@ -144,7 +153,7 @@ pub async fn cancel(
     ];
     let v = scripts()
         .cancel
-        .run(conn, &[&record, &reply], &args, "cancel a job")
+        .run(conn, &[&record, &result, &reply], &args, "cancel a job")
         .await?;
     let Value::Array(parts) = v else {
         return Err(QueueError::Protocol("cancel a job"));

@@ -1,8 +1,5 @@
-//! Terminal results as the queue writes them. The record JSON for `reply_to` is built
-//! only for jobs that have a reply list: most jobs are polled, and their hash fields
-//! are assembled by the result script from a few values.
-
-use serde_json::value::RawValue;
+//! Terminal results as the queue writes them: one record JSON per job, which the
+//! result key holds and `reply_to` receives unchanged.
 
 use crate::protocol::job::{JobRecord, Status};
 use crate::protocol::{InferResponse, OutputTensor, Tensor};
@@ -20,6 +17,8 @@ pub(crate) struct JobInfo {
     pub(crate) reply_to: Option<String>,
     pub(crate) enqueued_ms: u64,
     pub(crate) started_ms: Option<u64>,
+    /// A record hash may exist (gateway submit, running mark, an earlier attempt).
+    pub(crate) has_hash: bool,
 }
 
 /// How a job ended.
@@ -38,68 +37,68 @@ pub(crate) enum End {
 /// Builds the terminal write for one job.
 pub(crate) fn terminal(job: &JobInfo, end: End) -> Terminal {
     let finished_ms = crate::now_ms();
-    let (status, body, error_kind, dead_letter) = match end {
+    let mut record = JobRecord {
+        id: job.job_id.clone().unwrap_or_default(),
+        status: Status::Failed,
+        model: job.model.clone(),
+        version: job.version,
+        enqueued_ms: Some(job.enqueued_ms),
+        started_ms: job.started_ms,
+        finished_ms: Some(finished_ms),
+        attempts: job.attempts,
+        outputs: None,
+        error: None,
+        error_kind: None,
+        dead_lettered: false,
+    };
+    let mut dead_letter = Vec::new();
+    match end {
         End::Succeeded(outputs) => {
             let response = InferResponse {
                 model_name: job.model.clone(),
                 model_version: job.version.map(|v| v.to_string()).unwrap_or_default(),
-                id: job.job_id.clone().unwrap_or_default(),
+                id: record.id.clone(),
                 outputs: outputs.into_iter().map(OutputTensor::from).collect(),
             };
-            let json =
-                serde_json::to_string(&response).expect("outputs always serialize, this is a bug");
-            (Status::Succeeded, json, None, Vec::new())
+            record.status = Status::Succeeded;
+            record.outputs = Some(
+                serde_json::value::to_raw_value(&response)
+                    .expect("outputs always serialize, this is a bug"),
+            );
         }
-        End::Failed(kind, message) => (Status::Failed, message, Some(kind), Vec::new()),
-        End::Expired(message) => (Status::Expired, message, Some("expired"), Vec::new()),
+        End::Failed(kind, message) => error(&mut record, kind, message),
+        End::Expired(message) => {
+            record.status = Status::Expired;
+            error(&mut record, "expired", message);
+        }
         End::DeadLetter(message, entry) => {
-            let mut dead: Vec<(String, Vec<u8>)> = entry
+            dead_letter = entry
                 .into_iter()
                 .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
                 .collect();
-            dead.push((dead_field::ERROR.into(), message.clone().into_bytes()));
-            dead.push((
+            dead_letter.push((dead_field::ERROR.into(), message.clone().into_bytes()));
+            dead_letter.push((
                 dead_field::ATTEMPTS.into(),
                 job.attempts.to_string().into_bytes(),
             ));
-            dead.push((dead_field::ENTRY.into(), job.entry_id.clone().into_bytes()));
-            (Status::Failed, message, Some("dead_lettered"), dead)
+            dead_letter.push((dead_field::ENTRY.into(), job.entry_id.clone().into_bytes()));
+            record.dead_lettered = true;
+            error(&mut record, "dead_lettered", message);
         }
-    };
-    let reply_json = job.reply_to.as_ref().and(job.job_id.as_ref()).map(|id| {
-        let succeeded = status == Status::Succeeded;
-        let record = JobRecord {
-            id: id.clone(),
-            status,
-            model: job.model.clone(),
-            version: job.version,
-            enqueued_ms: Some(job.enqueued_ms),
-            started_ms: job.started_ms,
-            finished_ms: Some(finished_ms),
-            attempts: job.attempts,
-            outputs: if succeeded {
-                RawValue::from_string(body.clone()).ok()
-            } else {
-                None
-            },
-            error: (!succeeded).then(|| body.clone()),
-            error_kind: error_kind.map(str::to_owned),
-            dead_lettered: !dead_letter.is_empty(),
-        };
-        serde_json::to_string(&record).expect("a record always serializes, this is a bug")
-    });
+    }
     Terminal {
         entry_id: job.entry_id.clone(),
         job_id: job.job_id.clone(),
-        status,
-        body,
-        error_kind,
+        status: record.status,
         version: job.version,
-        attempts: job.attempts,
-        started_ms: job.started_ms,
-        finished_ms,
+        record: serde_json::to_string(&record).expect("a record always serializes, this is a bug"),
+        has_hash: job.has_hash,
         reply_to: job.reply_to.clone(),
-        reply_json,
         dead_letter,
     }
+}
+
+fn error(record: &mut JobRecord, kind: &str, message: String) {
+    record.error = Some(message);
+    record.error_kind = Some(kind.to_owned());
 }

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -354,6 +355,7 @@ impl Pipeline {
                         tracing::Span::current().record("id", id.as_str());
                     }
                     info.job_id = e.id.clone();
+                    info.has_hash = true;
                     let end = if e.id.is_some() {
                         End::Failed("invalid", format!("bad job entry: {}", e.error))
                     } else {
@@ -369,6 +371,7 @@ impl Pipeline {
         }
         info.job_id = Some(entry.id.clone());
         info.version = entry.version;
+        info.has_hash = entry.record || d.deliveries > 1;
         match entry.reply_to.as_deref() {
             Some(r) if !self.keys.is_reply_key(r) => {
                 let msg = format!(
@@ -466,6 +469,7 @@ impl Pipeline {
     /// A pending entry whose stream entry is gone: answer its job as lost, if the
     /// inflight index still knows which job it was.
     async fn lost(&mut self, mut info: JobInfo) -> Option<Terminal> {
+        info.has_hash = true;
         metrics()
             .jobs_lost
             .with_label_values(&[self.keys.model()])
@@ -499,35 +503,33 @@ impl Pipeline {
             .with_label_values(&[name])
             .observe(batch.len() as f64);
         let queue_wait = m.queue_wait.with_label_values(&[name]);
-        let mut running: Vec<(String, String, u64, u32, Option<String>)> =
-            Vec::with_capacity(batch.len());
+        let mut running: Vec<(String, u64, u32, Option<String>)> = Vec::with_capacity(batch.len());
         for j in &mut batch {
             j.info.started_ms = Some(started_ms);
             queue_wait.observe(started_ms.saturating_sub(j.info.enqueued_ms) as f64 / 1000.0);
             let id = j.info.job_id.clone().unwrap_or_default();
-            running.push((
-                j.info.entry_id.clone(),
-                id,
-                model.version,
-                j.info.attempts,
-                j.info.reply_to.clone(),
-            ));
+            running.push((id, model.version, j.info.attempts, j.info.reply_to.clone()));
         }
         // The running mark is written only if the batch is still going after
         // RUNNING_MARK_AFTER: a state that would last a millisecond is never seen by
         // anyone, and skipping it halves the Redis work per job. The mark is
-        // conditional, so it never overwrites a result that won the race.
+        // conditional, so it never overwrites a result that won the race; `mark`
+        // settles once whether it is sent, so the results know to expire the hash.
+        let mark = Arc::new(AtomicU8::new(MARK_PENDING));
         let (batch_done, mut done_rx) = tokio::sync::oneshot::channel::<()>();
         let (mut writer, keys) = (self.writer.clone(), Arc::clone(&self.keys));
+        let marking = Arc::clone(&mark);
         tokio::spawn(async move {
             tokio::select! {
                 _ = &mut done_rx => return,
                 () = tokio::time::sleep(RUNNING_MARK_AFTER) => {}
             }
+            if settle(&marking, MARK_SENT) != MARK_SENT {
+                return;
+            }
             let started: Vec<Started<'_>> = running
                 .iter()
-                .map(|(e, j, v, a, r)| Started {
-                    entry_id: e,
+                .map(|(j, v, a, r)| Started {
                     job_id: j,
                     version: *v,
                     attempts: *a,
@@ -561,13 +563,15 @@ impl Pipeline {
             m.rows_inferred
                 .with_label_values(&[keys.model(), &version])
                 .inc_by(rows as u64);
+            let marked = settle(&mark, MARK_SKIPPED) == MARK_SENT;
             let mut results = Vec::with_capacity(batch.len());
             let mut writer_for_notes = writer.clone();
             let per_job: Vec<Result<Vec<Tensor>, RuntimeError>> = match outputs {
                 Ok(list) => list,
                 Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
             };
-            for (job, out) in batch.into_iter().zip(per_job) {
+            for (mut job, out) in batch.into_iter().zip(per_job) {
+                job.info.has_hash |= marked;
                 let end = match out {
                     Ok(tensors) => End::Succeeded(select(tensors, &job.wanted)),
                     Err(e @ RuntimeError::Run { .. }) => End::Failed("inference", e.to_string()),
@@ -669,6 +673,20 @@ impl Pipeline {
 }
 
 /// Keeps only the outputs the client asked for (all when none named).
+/// Running-mark states of a batch: not decided yet, sent, or skipped (results first).
+const MARK_PENDING: u8 = 0;
+const MARK_SENT: u8 = 1;
+const MARK_SKIPPED: u8 = 2;
+
+/// Moves a pending mark to `to` and returns the state it ends in: whoever settles
+/// first decides, once.
+fn settle(mark: &AtomicU8, to: u8) -> u8 {
+    match mark.compare_exchange(MARK_PENDING, to, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => to,
+        Err(now) => now,
+    }
+}
+
 fn select(outputs: Vec<Tensor>, wanted: &[String]) -> Vec<Tensor> {
     if wanted.is_empty() {
         return outputs;

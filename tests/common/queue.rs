@@ -96,8 +96,26 @@ impl Setup {
     }
 }
 
-/// A job record hash (`inferq:{m}:job:<id>`) as read with HGETALL.
+/// A job record as one field map: the hash (`inferq:{m}:job:<id>`) overlaid with the
+/// terminal record's JSON fields (`inferq:{m}:result:<id>`; objects as JSON text,
+/// `true` as `1`).
 pub type Record = HashMap<String, String>;
+
+/// Overlays the terminal record's JSON, if any, on the hash.
+fn overlay(mut hash: Record, result: Option<String>) -> Record {
+    let Some(json) = result else { return hash };
+    let fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("result {json}: {e}"));
+    for (k, v) in fields {
+        let text = match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Bool(b) => if b { "1" } else { "0" }.to_owned(),
+            other => other.to_string(),
+        };
+        hash.insert(k, text);
+    }
+    hash
+}
 
 /// `n` rows of a tensor starting at row `start`, wrapping around its rows.
 pub fn cycled(t: &Tensor, start: usize, n: usize) -> Tensor {
@@ -183,6 +201,7 @@ pub fn json_job(id: &str, inputs: &[Tensor]) -> JobEntry {
         deadline_ms: None,
         reply_to: None,
         traceparent: None,
+        record: false,
     }
 }
 
@@ -260,11 +279,7 @@ pub async fn produce_all<C: ConnectionLike + Send>(
 
 /// The record of job `id` (empty when there is none).
 pub async fn record<C: ConnectionLike + Send>(conn: &mut C, model: &str, id: &str) -> Record {
-    redis::cmd("HGETALL")
-        .arg(Keys::new(model).job(id))
-        .query_async(conn)
-        .await
-        .unwrap_or_else(|e| panic!("HGETALL {id}: {e}"))
+    records(conn, model, &[id.to_owned()]).await.remove(0)
 }
 
 /// True when the record holds a terminal status.
@@ -313,20 +328,19 @@ pub async fn wait_all_terminal<C: ConnectionLike + Send>(
         for chunk in open.chunks(1000) {
             let mut pipe = redis::pipe();
             for id in chunk {
-                pipe.cmd("HGET").arg(keys.job(id)).arg("status");
+                pipe.cmd("EXISTS").arg(keys.result(id));
             }
-            let statuses: Vec<Option<String>> = pipe
+            let done: Vec<bool> = pipe
                 .query_async(conn)
                 .await
-                .unwrap_or_else(|e| panic!("HGET statuses: {e}"));
-            for (id, s) in chunk.iter().zip(statuses) {
-                if !matches!(
-                    s.as_deref(),
-                    Some("succeeded" | "failed" | "expired" | "cancelled")
-                ) {
-                    still.push(*id);
-                }
-            }
+                .unwrap_or_else(|e| panic!("EXISTS results: {e}"));
+            still.extend(
+                chunk
+                    .iter()
+                    .zip(done)
+                    .filter(|(_, d)| !d)
+                    .map(|(id, _)| *id),
+            );
         }
         open = still;
         if open.is_empty() {
@@ -357,12 +371,13 @@ pub async fn records<C: ConnectionLike + Send>(
         let mut pipe = redis::pipe();
         for id in chunk {
             pipe.cmd("HGETALL").arg(keys.job(id));
+            pipe.cmd("GET").arg(keys.result(id));
         }
-        let recs: Vec<Record> = pipe
+        let recs: Vec<(Record, Option<String>)> = pipe
             .query_async(conn)
             .await
-            .unwrap_or_else(|e| panic!("HGETALL records: {e}"));
-        out.extend(recs);
+            .unwrap_or_else(|e| panic!("read records: {e}"));
+        out.extend(recs.into_iter().map(|(h, r)| overlay(h, r)));
     }
     out
 }

@@ -5,6 +5,7 @@
 --
 -- KEYS[1]  inferq:{m}:job:<id>   the job record (hash)
 -- KEYS[2]  inferq:{m}:jobs       the jobs stream
+-- KEYS[3]  inferq:{m}:result:<id> the terminal record (JSON string)
 -- ARGV[1]  sha256 of the request (idempotency: same id + same body = same job)
 -- ARGV[2]  max_queue: refuse when the stream already holds this many entries
 -- ARGV[3]  enqueued_ms
@@ -16,13 +17,12 @@
 -- another body | {3, length} backlog full
 local rec, stream = KEYS[1], KEYS[2]
 local existing = redis.call('HGET', rec, 'body_sha')
-if existing then
-  if existing == ARGV[1] then
-    return {1, redis.call('HGET', rec, 'status') or 'queued'}
-  end
-  return {2}
+local done = redis.call('GET', KEYS[3])
+if existing and existing == ARGV[1] then
+  local status = done and string.match(done, '"status":"(%a+)"')
+  return {1, status or redis.call('HGET', rec, 'status') or 'queued'}
 end
-if redis.call('EXISTS', rec) == 1 then
+if existing or done or redis.call('EXISTS', rec) == 1 then
   return {2}
 end
 local len = redis.call('XLEN', stream)
