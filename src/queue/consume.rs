@@ -322,6 +322,12 @@ pub async fn finish(
     if results.is_empty() {
         return Ok(Vec::new());
     }
+    if results
+        .iter()
+        .all(|r| r.job_id.is_some() && r.reply_to.is_none() && r.dead_letter.is_empty())
+    {
+        return finish_polled(conn, keys, ttl_s, results).await;
+    }
     // Per job: result key, hash key, reply list; an absent hash or reply repeats the
     // result key. An id-less entry has no record: a throwaway key in the slot stands in.
     let mut owned: Vec<String> = Vec::with_capacity(results.len() * 2);
@@ -381,6 +387,56 @@ pub async fn finish(
         }
         _ => Err(QueueError::Protocol("write results")),
     }
+}
+
+/// [`finish`] for a batch of polled jobs (no reply list, no dead letter): one MULTI of
+/// plain commands, at about half the Redis CPU of the script (no Lua call per job).
+/// `SET NX EX` still lets the first writer win, and a refused command (OOM) aborts the
+/// whole transaction, so nothing is acknowledged without its result. What a
+/// transaction cannot make conditional is the `done` message: a duplicate delivery
+/// publishes its id again, and a woken reader finds the first result.
+async fn finish_polled(
+    conn: &mut Conn,
+    keys: &Keys,
+    ttl_s: u64,
+    results: &[Terminal],
+) -> Result<Vec<bool>, QueueError> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut ids = String::new();
+    for r in results {
+        let id = r.job_id.as_deref().unwrap_or_default();
+        pipe.cmd("SET")
+            .arg(keys.result(id))
+            .arg(&r.record)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_s);
+        if !ids.is_empty() {
+            ids.push(' ');
+        }
+        ids.push_str(id);
+    }
+    for r in results.iter().filter(|r| r.has_hash) {
+        let id = r.job_id.as_deref().unwrap_or_default();
+        pipe.cmd("EXPIRE").arg(keys.job(id)).arg(ttl_s).ignore();
+    }
+    let entries: Vec<&str> = results.iter().map(|r| r.entry_id.as_str()).collect();
+    pipe.cmd("PUBLISH").arg(keys.done()).arg(ids).ignore();
+    pipe.cmd("HDEL").arg(keys.inflight()).arg(&entries).ignore();
+    pipe.cmd("XACK")
+        .arg(keys.jobs())
+        .arg(GROUP)
+        .arg(&entries)
+        .ignore();
+    let set: Vec<Value> = pipe
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("write results"))?;
+    if set.len() != results.len() {
+        return Err(QueueError::Protocol("write results"));
+    }
+    Ok(set.iter().map(|v| matches!(v, Value::Okay)).collect())
 }
 
 /// Notes a retryable failure on the record, so a later dead-letter can say why.

@@ -13,7 +13,13 @@ if done then
   return {2, string.match(done, '"status":"(%a+)"') or 'succeeded'}
 end
 local h = redis.call('HGETALL', rec)
-if #h == 0 then
+local known = false
+for i = 1, #h, 2 do
+  if h[i] == 'status' then known = true end
+end
+if not known then
+  -- No record, or only a retry note on a direct producer's job: unknown, as before
+  -- a worker takes it.
   return {0}
 end
 local r = {id = ARGV[4], status = 'cancelled', finished_ms = tonumber(ARGV[1]),
