@@ -76,7 +76,7 @@ pub async fn read_new(
         .query_async(conn)
         .await
         .map_err(QueueError::redis("read new jobs"))?;
-    let out = parse_read(&reply)?;
+    let out = parse_read(reply)?;
     index(conn, keys, &out).await?;
     Ok(out)
 }
@@ -135,7 +135,7 @@ pub async fn read_own_pending(
         .query_async(conn)
         .await
         .map_err(QueueError::redis("read own pending jobs"))?;
-    let mut out = parse_read(&reply)?;
+    let mut out = parse_read(reply)?;
     fill_deliveries(conn, keys, Some(consumer), &mut out).await?;
     Ok(out)
 }
@@ -180,18 +180,18 @@ pub(crate) async fn fill_deliveries(
 }
 
 /// Parses an XREADGROUP reply: `nil`, or `[[stream, [[id, [f, v, …] | nil], …]]]`
-/// (RESP3 maps accepted too).
-pub(crate) fn parse_read(reply: &Value) -> Result<Vec<Delivery>, QueueError> {
-    let streams: Vec<&Value> = match reply {
+/// (RESP3 maps accepted too). Takes the reply by value: the fields move, not copy.
+pub(crate) fn parse_read(reply: Value) -> Result<Vec<Delivery>, QueueError> {
+    let streams: Vec<Value> = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Array(s) => s
-            .iter()
+            .into_iter()
             .map(|pair| match pair {
-                Value::Array(kv) if kv.len() == 2 => &kv[1],
+                Value::Array(mut kv) if kv.len() == 2 => kv.swap_remove(1),
                 other => other,
             })
             .collect(),
-        Value::Map(m) => m.iter().map(|(_, v)| v).collect(),
+        Value::Map(m) => m.into_iter().map(|(_, v)| v).collect(),
         _ => return Err(QueueError::Protocol("read jobs")),
     };
     let mut out = Vec::new();
@@ -207,23 +207,27 @@ pub(crate) fn parse_read(reply: &Value) -> Result<Vec<Delivery>, QueueError> {
 }
 
 /// One `[id, [f, v, …] | nil]` entry.
-pub(crate) fn parse_entry(e: &Value) -> Option<Delivery> {
+pub(crate) fn parse_entry(e: Value) -> Option<Delivery> {
     let Value::Array(parts) = e else { return None };
-    let entry_id = text(parts.first()?)?;
-    let fields = match parts.get(1) {
+    let mut parts = parts.into_iter();
+    let entry_id = text(&parts.next()?)?;
+    let pairs = |flat: Vec<Value>| {
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        let mut it = flat.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            if let (Value::BulkString(k), Value::BulkString(v)) = (k, v) {
+                out.push((k, v));
+            }
+        }
+        out
+    };
+    let fields = match parts.next() {
         None | Some(Value::Nil) => None,
-        Some(Value::Array(flat)) => Some(
-            flat.chunks_exact(2)
-                .filter_map(|kv| match (&kv[0], &kv[1]) {
-                    (Value::BulkString(k), Value::BulkString(v)) => Some((k.clone(), v.clone())),
-                    _ => None,
-                })
-                .collect(),
-        ),
+        Some(Value::Array(flat)) => Some(pairs(flat)),
         Some(Value::Map(m)) => Some(
-            m.iter()
+            m.into_iter()
                 .filter_map(|(k, v)| match (k, v) {
-                    (Value::BulkString(k), Value::BulkString(v)) => Some((k.clone(), v.clone())),
+                    (Value::BulkString(k), Value::BulkString(v)) => Some((k, v)),
                     _ => None,
                 })
                 .collect(),

@@ -31,7 +31,7 @@ pub async fn list(conn: &mut Conn, keys: &Keys, count: usize) -> Result<Vec<Deli
     let Value::Array(list) = reply else {
         return Err(QueueError::Protocol("list dead letters"));
     };
-    Ok(list.iter().filter_map(parse_entry).collect())
+    Ok(list.into_iter().filter_map(parse_entry).collect())
 }
 
 /// Re-enqueues dead letters (all, or those whose job id is in `ids`) as fresh jobs

@@ -44,16 +44,21 @@ pub async fn reclaim(
     let Value::Array(parts) = reply else {
         return Err(QueueError::Protocol("reclaim idle jobs"));
     };
-    let cursor = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
-    let mut entries: Vec<Delivery> = match parts.get(1) {
+    let mut parts = parts.into_iter();
+    let cursor = parts
+        .next()
+        .as_ref()
+        .and_then(text)
+        .unwrap_or_else(|| "0-0".into());
+    let mut entries: Vec<Delivery> = match parts.next() {
         Some(Value::Array(list)) => list
-            .iter()
+            .into_iter()
             .filter_map(parse_entry)
             .filter(|d| d.fields.is_some())
             .collect(),
         _ => Vec::new(),
     };
-    let deleted = match parts.get(2) {
+    let deleted = match parts.next() {
         Some(Value::Array(ids)) => ids.iter().filter_map(text).collect(),
         _ => Vec::new(),
     };
@@ -251,7 +256,7 @@ pub async fn depth(conn: &mut Conn, keys: &Keys) -> Result<Depth, QueueError> {
             .await
             .map_err(QueueError::redis("read the oldest job"))?;
         if let Value::Array(list) = first
-            && let Some(e) = list.first().and_then(parse_entry)
+            && let Some(e) = list.into_iter().next().and_then(parse_entry)
         {
             d.oldest_waiting_ms = Some(crate::now_ms().saturating_sub(e.enqueued_ms()));
         }
