@@ -49,10 +49,10 @@ pub async fn ensure_group(conn: &mut Conn, keys: &Keys) -> Result<(), QueueError
     }
 }
 
-/// Reads up to `count` new entries (`>`), then indexes them in `inferq:{m}:inflight`
-/// (entry id → job id and reply list), so a pending entry trimmed from the stream can
-/// still be answered by name; with `block_ms`, waits that long for one when none waits.
-/// The connection should be the caller's own: a blocking read holds it.
+/// Reads up to `count` new entries (`>`); with `block_ms`, waits that long for one when
+/// none waits. The connection should be the caller's own: a blocking read holds it.
+/// (The worker reads through [`super::reader`] where it can; this is the crate's way,
+/// for a cluster or TLS.) Callers [`index`] what they read.
 pub async fn read_new(
     conn: &mut Conn,
     keys: &Keys,
@@ -76,13 +76,16 @@ pub async fn read_new(
         .query_async(conn)
         .await
         .map_err(QueueError::redis("read new jobs"))?;
-    let out = parse_read(reply)?;
-    index(conn, keys, &out).await?;
-    Ok(out)
+    parse_read(reply)
 }
 
-/// Writes the inflight index of fresh deliveries.
-async fn index(conn: &mut Conn, keys: &Keys, deliveries: &[Delivery]) -> Result<(), QueueError> {
+/// Indexes fresh deliveries in `inferq:{m}:inflight` (entry id → `<job id>[ <reply_to>]`),
+/// so a pending entry trimmed from the stream can still be answered by name.
+pub async fn index(
+    conn: &mut Conn,
+    keys: &Keys,
+    deliveries: &[Delivery],
+) -> Result<(), QueueError> {
     let mut cmd = redis::cmd("HSET");
     cmd.arg(keys.inflight());
     let mut any = false;

@@ -2,6 +2,7 @@
 //!
 //! - [`submit`]: the gateway's side: enqueue atomically, read records, cancel.
 //! - [`consume`]: the worker's side: group, reads, running marks, terminal writes.
+//! - [`reader`]: the worker's hot read on a socket of its own.
 //! - [`janitor`]: reclaiming idle entries, safe trimming, stale consumers.
 //! - [`dlq`]: the dead-letter stream's operations.
 //! - [`notify`]: one subscription per process fanning completions out to waiters.
@@ -14,6 +15,7 @@ pub mod dlq;
 pub mod janitor;
 pub mod keys;
 pub mod notify;
+pub mod reader;
 mod script;
 pub mod submit;
 

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::WorkerConfig;
+use crate::queue::reader::{ReaderTarget, StreamReader};
 use crate::queue::{QueueError, RedisTarget};
 use crate::registry::{Registry, RegistryCache};
 use crate::shutdown::Backoff;
@@ -118,7 +119,10 @@ impl Spawner {
                     &model,
                     Arc::clone(&self.cfg),
                     self.registry.clone(),
-                    reader,
+                    pipeline::Reader {
+                        conn: reader,
+                        fast: ReaderTarget::new(&self.target).map(StreamReader::new),
+                    },
                     self.writer.clone(),
                     self.tracker.clone(),
                     self.stop.clone(),

@@ -20,6 +20,7 @@ use crate::metrics::metrics;
 use crate::protocol::job::{JobEntry, Payload};
 use crate::protocol::{DecodeError, Tensor, binary, oip};
 use crate::queue::consume::{self, Delivery, Started, Terminal};
+use crate::queue::reader::StreamReader;
 use crate::queue::{Conn, Keys, QueueError, dlq, janitor};
 use crate::registry::RegistryCache;
 use crate::runtime::{InferPool, InvalidInput, RuntimeError};
@@ -39,6 +40,15 @@ const RUNNING_MARK_AFTER: Duration = Duration::from_millis(20);
 /// silent (blackholed) connection is detected and replaced.
 pub(crate) fn read_timeout_ms() -> u64 {
     BLOCK_MS + 3000
+}
+
+/// A pipeline's own Redis connections for reading: blocking reads hold them.
+pub(crate) struct Reader {
+    /// Group set-up, own pending entries, the inflight index; new entries too when
+    /// `fast` is `None`.
+    pub(crate) conn: Conn,
+    /// The hot read's own socket (`None`: a cluster or TLS target).
+    pub(crate) fast: Option<StreamReader>,
 }
 
 /// A job that passed every check and waits for a batch.
@@ -63,7 +73,7 @@ impl Batchable for Ready {
 pub(crate) struct Pipeline {
     keys: Arc<Keys>,
     cfg: Arc<WorkerConfig>,
-    reader: Conn,
+    reader: Reader,
     writer: Conn,
     pool: InferPool,
     models: ModelCache,
@@ -87,7 +97,7 @@ impl Pipeline {
         model: &str,
         cfg: Arc<WorkerConfig>,
         registry: RegistryCache,
-        reader: Conn,
+        reader: Reader,
         writer: Conn,
         tracker: TaskTracker,
         stop: CancellationToken,
@@ -118,7 +128,7 @@ impl Pipeline {
     /// logged and retried with backoff; this never returns early.
     pub(crate) async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_secs(2));
-        while let Err(e) = consume::ensure_group(&mut self.reader, &self.keys).await {
+        while let Err(e) = consume::ensure_group(&mut self.reader.conn, &self.keys).await {
             tracing::warn!(model = self.keys.model(), error = %e, "cannot create the consumer group; retrying");
             if !backoff.wait(&self.stop).await {
                 return;
@@ -144,7 +154,7 @@ impl Pipeline {
                         .data_loss_events
                         .with_label_values(&[self.keys.model()])
                         .inc();
-                    let _ = consume::ensure_group(&mut self.reader, &self.keys).await;
+                    let _ = consume::ensure_group(&mut self.reader.conn, &self.keys).await;
                 } else {
                     tracing::warn!(model = self.keys.model(), error = %e, "read failed; retrying");
                 }
@@ -172,7 +182,7 @@ impl Pipeline {
         while !self.stop.is_cancelled() {
             let count = self.cfg.batch.max_batch.max(64);
             match consume::read_own_pending(
-                &mut self.reader,
+                &mut self.reader.conn,
                 &self.keys,
                 &self.cfg.consumer,
                 &after,
@@ -269,14 +279,14 @@ impl Pipeline {
         if self.stop.is_cancelled() {
             return Ok(Vec::new());
         }
-        consume::read_new(
-            &mut self.reader,
-            &self.keys,
-            &self.cfg.consumer,
-            count,
-            block,
-        )
-        .await
+        let (keys, consumer) = (&self.keys, &self.cfg.consumer);
+        let Reader { conn, fast } = &mut self.reader;
+        let got = match fast {
+            Some(fast) => fast.read_new(keys, consumer, count, block).await?,
+            None => consume::read_new(conn, keys, consumer, count, block).await?,
+        };
+        consume::index(conn, keys, &got).await?;
+        Ok(got)
     }
 
     async fn intake(&mut self, deliveries: Vec<Delivery>) {
