@@ -42,11 +42,17 @@ impl Setup {
     /// `HEAVY_JOBS` big jobs `<prefix>-<i>`, each with its own reply list, added in one
     /// MULTI so a waiting worker takes them all in one read. Returns their ids.
     async fn produce_heavy(&mut self, prefix: &str) -> Vec<String> {
+        self.produce_heavy_to(prefix, true).await
+    }
+
+    /// [`Setup::produce_heavy`], with or without reply lists (without: the worker's
+    /// results take the transaction instead of the script).
+    async fn produce_heavy_to(&mut self, prefix: &str, replies: bool) -> Vec<String> {
         let entries: Vec<JobEntry> = (0..HEAVY_JOBS)
             .map(|i| {
                 let id = format!("{prefix}-{i}");
                 JobEntry {
-                    reply_to: Some(reply_key(&self.model, &id)),
+                    reply_to: replies.then(|| reply_key(&self.model, &id)),
                     ..bin_job(&id, &cycled_inputs(&self.reference, i * 7, HEAVY_ROWS))
                 }
             })
@@ -67,6 +73,23 @@ impl Setup {
         .await
     }
 
+    /// Waits until the inflight index holds `n` entries: the worker indexes what it
+    /// read one round trip after the read (docs/DECISIONS.md).
+    async fn wait_indexed(&mut self, n: usize) {
+        let inflight = Keys::new(&self.model).inflight().to_owned();
+        let deadline = Instant::now() + WAIT;
+        while redis::cmd("HLEN")
+            .arg(&inflight)
+            .query_async::<usize>(&mut self.conn)
+            .await
+            .unwrap()
+            < n
+        {
+            assert!(Instant::now() < deadline, "the reads were never indexed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The ids among `ids` whose record is not terminal yet, read once a result
     /// script the worker sent just before it was stopped or killed has landed.
     async fn unfinished(&mut self, ids: &[String]) -> Vec<String> {
@@ -82,12 +105,17 @@ impl Setup {
     /// Checks that every heavy job succeeded with the reference outputs, was pushed to
     /// its reply list exactly once, and that nothing is left pending.
     async fn assert_heavy_done(&mut self, ids: &[String], recs: &[Record]) {
+        self.assert_heavy_pushed(ids, recs, 1).await;
+    }
+
+    /// [`Setup::assert_heavy_done`] with `pushes` replies per job (0 for polled jobs).
+    async fn assert_heavy_pushed(&mut self, ids: &[String], recs: &[Record], pushes: usize) {
         for (i, (id, rec)) in ids.iter().zip(recs).enumerate() {
             assert_eq!(rec["status"], "succeeded", "{id}: {rec:?}");
             let expected = cycled_outputs(&self.reference, i * 7, HEAVY_ROWS);
             assert_outputs(&outputs_of(rec), &expected, id);
             let pushed = list(&mut self.conn, &reply_key(&self.model, id)).await;
-            assert_eq!(pushed.len(), 1, "{id}: reply pushes");
+            assert_eq!(pushed.len(), pushes, "{id}: reply pushes");
         }
         wait_no_pending(&mut self.conn, &self.model, WAIT).await;
     }
@@ -418,19 +446,7 @@ async fn jobs_trimmed_away_while_pending_are_answered_as_lost() {
     let a = s.worker("a", &[("INFERQ_CLAIM_AFTER_MS", CLAIM_MS)]).await;
     let ids = s.produce_heavy("lost").await;
     s.held_by("a", HEAVY_JOBS).await;
-    // The worker indexes what it read one round trip after the read (docs/DECISIONS.md).
-    let inflight = Keys::new(&s.model).inflight().to_owned();
-    let deadline = Instant::now() + WAIT;
-    while redis::cmd("HLEN")
-        .arg(&inflight)
-        .query_async::<usize>(&mut s.conn)
-        .await
-        .unwrap()
-        < HEAVY_JOBS
-    {
-        assert!(Instant::now() < deadline, "the reads were never indexed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    s.wait_indexed(HEAVY_JOBS).await;
     a.stop();
     let unfinished = s.unfinished(&ids).await;
     assert!(
@@ -504,4 +520,57 @@ async fn a_worker_busy_longer_than_claim_after_keeps_its_jobs() {
         (ids.len() * HEAVY_ROWS) as f64,
         "each job computed once"
     );
+}
+
+/// Fault 16 on the worker's side: Redis reaches `maxmemory` (noeviction) while a batch
+/// computes. Its result write is refused whole (the script, or the transaction's
+/// EXECABORT): nothing is acknowledged without its result and no reply is pushed; once
+/// memory frees, the same write lands, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_refused_under_oom_are_written_once_memory_frees() {
+    for replies in [true, false] {
+        let mut s = setup().await;
+        let mut w = s.worker("w", &[("INFERQ_CLAIM_AFTER_MS", "60000")]).await;
+        let ids = s
+            .produce_heavy_to(if replies { "oom-r" } else { "oom-p" }, replies)
+            .await;
+        s.held_by("w", HEAVY_JOBS).await;
+        s.wait_indexed(HEAVY_JOBS).await;
+        let set_maxmemory = |bytes: &'static str| {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("SET").arg("maxmemory").arg(bytes);
+            cmd
+        };
+        let _: () = set_maxmemory("1").query_async(&mut s.conn).await.unwrap();
+        // Long enough for the ~0.4 s of compute and several refused writes.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let written: Vec<Record> = records(&mut s.conn, &s.model, &ids).await;
+        assert!(
+            written.iter().all(|r| !is_terminal(r)),
+            "replies {replies}: a result was written under OOM: {written:?}"
+        );
+        assert_eq!(
+            pending(&mut s.conn, &s.model).await.len(),
+            HEAVY_JOBS,
+            "replies {replies}: a job was acknowledged without its result"
+        );
+        for id in &ids {
+            let pushed = list(&mut s.conn, &reply_key(&s.model, id)).await;
+            assert!(
+                pushed.is_empty(),
+                "replies {replies}: {id} pushed under OOM"
+            );
+        }
+        assert!(
+            w.log().contains("cannot write results yet") && w.log().contains("OOM"),
+            "replies {replies}: no refused result write in the log:\n{}",
+            w.log()
+        );
+        let _: () = set_maxmemory("0").query_async(&mut s.conn).await.unwrap();
+        let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+        s.assert_heavy_pushed(&ids, &recs, usize::from(replies))
+            .await;
+        w.term();
+        w.expect_clean_exit(Instant::now(), WAIT, WAIT);
+    }
 }
