@@ -1,6 +1,6 @@
 //! Load straight through Redis, as a direct producer (docs/PROTOCOL.md): pipelined
 //! `XADD`s of job entries naming one reply list, and a collector on its own
-//! connection that `BLPOP`s that list and drains it in bulk (`LPOP key 512`).
+//! connection that takes that list in bulk (`BLMPOP … COUNT 512`, Redis 7.0+).
 //! Also the two halves of a drain-mode capacity measurement: `fill` (enqueue only)
 //! and `drain_wait` (time the consumer group until nothing is left).
 
@@ -24,7 +24,7 @@ use crate::queue::{Conn, GROUP, Keys, RedisTarget};
 
 /// Entries per pipelined round trip.
 const CHUNK: usize = 256;
-/// Replies taken per `LPOP`.
+/// Replies taken per `BLMPOP`.
 const DRAIN: usize = 512;
 
 /// How job inputs travel.
@@ -197,6 +197,9 @@ pub(super) async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Tally> {
     Ok(ledger.finish(clock.measure_from))
 }
 
+/// A `BLMPOP` reply: the list's name and the elements taken.
+type Popped = (String, Vec<Vec<u8>>);
+
 /// Takes replies off the list until told to stop, answering jobs in the ledger.
 async fn collect(
     mut conn: Conn,
@@ -246,36 +249,25 @@ async fn collect(
         }
     };
     while !stop.load(Ordering::Relaxed) {
-        let popped: Result<Option<(String, Vec<u8>)>, _> = redis::cmd("BLPOP")
-            .arg(&reply)
+        // One round trip takes whatever waits, up to DRAIN replies (Redis 7.0+).
+        let popped: redis::RedisResult<Option<Popped>> = redis::cmd("BLMPOP")
             .arg(0.1)
+            .arg(1)
+            .arg(&reply)
+            .arg("LEFT")
+            .arg("COUNT")
+            .arg(DRAIN)
             .query_async(&mut conn)
             .await;
         match popped {
-            Ok(Some((_, raw))) => handle(&raw, Instant::now()),
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "BLPOP failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            Ok(Some((_, list))) => {
+                let now = Instant::now();
+                list.iter().for_each(|raw| handle(raw, now));
             }
-        }
-        loop {
-            let more: Result<Option<Vec<Vec<u8>>>, _> = redis::cmd("LPOP")
-                .arg(&reply)
-                .arg(DRAIN)
-                .query_async(&mut conn)
-                .await;
-            let now = Instant::now();
-            match more {
-                Ok(Some(list)) if !list.is_empty() => {
-                    let n = list.len();
-                    list.iter().for_each(|raw| handle(raw, now));
-                    if n < DRAIN {
-                        break;
-                    }
-                }
-                _ => break,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "BLMPOP failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
