@@ -492,3 +492,51 @@ fn an_evicting_redis_is_flagged_at_start() {
         }
     }
 }
+
+/// The worker's own read socket logs in and selects the database its URL names, as the
+/// crate's connections do: a job produced into db 3 of a password-protected server over
+/// TCP is answered there, and nothing lands in db 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_and_a_database_in_the_url_are_honoured() {
+    common::init_ort();
+    let mut s = setup(RedisOptions {
+        tcp: true,
+        ..RedisOptions::default()
+    })
+    .await;
+    // The setup's connection stays logged in; every new one needs the password.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    let tcp = s.redis.tcp_url().expect("started with tcp");
+    let url = format!("{}/3", tcp.replacen("redis://", "redis://:s3cret@", 1));
+    let worker = inferq::worker::Worker::start(
+        worker_config(&s.model, "w"),
+        s.registry.registry.clone(),
+        inferq::queue::RedisTarget::parse(&url).unwrap(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("start a worker on {url}: {e}"));
+    let mut db3 = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let inputs = cycled_inputs(&s.reference, 2, 1);
+    produce(&mut db3, &s.model, "in-db3", &inputs).await;
+    let rec = wait_terminal(&mut db3, &s.model, "in-db3", WAIT).await;
+    assert_eq!(rec["status"], "succeeded", "{rec:?}");
+    assert_outputs(&outputs_of(&rec), &s.reference.output_rows(2..3), "in-db3");
+    let in_db0: bool = redis::cmd("EXISTS")
+        .arg(Keys::new(&s.model).result("in-db3"))
+        .query_async(&mut s.conn)
+        .await
+        .unwrap();
+    assert!(!in_db0, "the result landed in db 0");
+    assert!(worker.shutdown().await);
+}
