@@ -102,8 +102,11 @@ def main() -> int:
         if record is None:
             # No reply: the terminal record, else the running record (if any), says
             # where the job is.
-            done = r.get(f"inferq:{{{m}}}:result:{job_id}")
-            h = r.hgetall(f"inferq:{{{m}}}:job:{job_id}")
+            # One round trip, the hash first (docs/PROTOCOL.md, reading a record).
+            pipe = r.pipeline(transaction=False)
+            pipe.hgetall(f"inferq:{{{m}}}:job:{job_id}")
+            pipe.get(f"inferq:{{{m}}}:result:{job_id}")
+            h, done = pipe.execute()
             state = done.decode() if done else {k.decode(): v.decode() for k, v in h.items()} or None
             print(f"{job_id}: no result within {args.timeout}s; record: {state}", file=sys.stderr)
             failed += 1

@@ -264,7 +264,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .query_async(&mut conn)
             .await
             .context("read the record")?;
-        let record = result.unwrap_or_else(|| format!("{record:?}"));
+        let record = match result {
+            Some(json) => json,
+            None if record.is_empty() => "none (not taken by a worker yet)".to_owned(),
+            None => format!("{record:?}"),
+        };
         eprintln!(
             "{id}: no result within {:?}; record: {record:?}",
             args.timeout

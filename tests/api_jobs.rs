@@ -456,3 +456,46 @@ async fn many_long_polls_on_one_job_all_wake_and_deregister() {
     }
     gw.wait_waiters(0, Duration::from_secs(2)).await;
 }
+
+/// An ended job's hash gets the result TTL once, so it never outlives the result and
+/// brings the job back: once the result is gone the job is 404, cannot be cancelled,
+/// and its id is free for a new job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_result_expired_is_forgotten() {
+    let (redis, reg, r) = setup();
+    let gw = Gateway::start(&redis, &reg, &[]).await;
+    let worker = start_worker(&redis, &reg, &gw.settings).await;
+    let c = gw.client();
+    let body = body_with_id(&r, "expiring");
+    let url = format!("{JOBS}/expiring");
+    submit(&c, body.clone()).await;
+    let rec = c.wait_terminal(&url, Duration::from_secs(30)).await;
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+
+    let mut conn = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys = inferq::queue::Keys::new(MODEL);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys.job("expiring"))
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    assert!(ttl > 0, "the ended job's hash has the result TTL: {ttl}");
+    // The result expires (first, or at the same moment as the hash).
+    let _: () = redis::cmd("DEL")
+        .arg(keys.result("expiring"))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    c.get(&url).await.expect_error(404, "not_found");
+    c.delete(&url).await.expect_error(404, "not_found");
+    // 202, not 200: a new job, not the forgotten one.
+    let again = submit(&c, body).await;
+    assert_eq!(again["status"], "queued", "{again}");
+    let rec = c.wait_terminal(&url, Duration::from_secs(30)).await;
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+    assert!(worker.shutdown().await);
+}

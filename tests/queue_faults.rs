@@ -536,12 +536,7 @@ async fn results_refused_under_oom_are_written_once_memory_frees() {
             .await;
         s.held_by("w", HEAVY_JOBS).await;
         s.wait_indexed(HEAVY_JOBS).await;
-        let set_maxmemory = |bytes: &'static str| {
-            let mut cmd = redis::cmd("CONFIG");
-            cmd.arg("SET").arg("maxmemory").arg(bytes);
-            cmd
-        };
-        let _: () = set_maxmemory("1").query_async(&mut s.conn).await.unwrap();
+        set_maxmemory(&mut s.conn, "1").await;
         // Long enough for the ~0.4 s of compute and several refused writes.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let written: Vec<Record> = records(&mut s.conn, &s.model, &ids).await;
@@ -566,11 +561,45 @@ async fn results_refused_under_oom_are_written_once_memory_frees() {
             "replies {replies}: no refused result write in the log:\n{}",
             w.log()
         );
-        let _: () = set_maxmemory("0").query_async(&mut s.conn).await.unwrap();
+        set_maxmemory(&mut s.conn, "0").await;
         let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
         s.assert_heavy_pushed(&ids, &recs, usize::from(replies))
             .await;
         w.term();
         w.expect_clean_exit(Instant::now(), WAIT, WAIT);
     }
+}
+
+/// Fault 16 before the read: Redis is full when an idle worker takes jobs. The read
+/// itself is not refused (XREADGROUP may run under OOM), the inflight index is: the
+/// worker keeps what it read and retries the index instead of reading more, then
+/// computes each job once, at its first attempt, as soon as memory frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_read_while_redis_is_full_are_kept_and_run_once() {
+    let mut s = setup().await;
+    let mut w = s.worker("w", &[]).await;
+    w.stop();
+    let ids = s.produce_heavy_to("full", false).await;
+    set_maxmemory(&mut s.conn, "1").await;
+    w.cont();
+    s.held_by("w", HEAVY_JOBS).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        records(&mut s.conn, &s.model, &ids)
+            .await
+            .iter()
+            .all(|r| !is_terminal(r)),
+        "a result was written under OOM"
+    );
+    assert!(
+        w.log().contains("cannot index the jobs read yet"),
+        "no refused index write in the log:\n{}",
+        w.log()
+    );
+    set_maxmemory(&mut s.conn, "0").await;
+    let recs = wait_all_terminal(&mut s.conn, &s.model, &ids, WAIT).await;
+    assert!(recs.iter().all(|r| attempts(r) == 1), "{recs:?}");
+    s.assert_heavy_pushed(&ids, &recs, 0).await;
+    w.term();
+    w.expect_clean_exit(Instant::now(), WAIT, WAIT);
 }

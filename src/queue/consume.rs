@@ -281,7 +281,6 @@ pub async fn mark_running(
     let mut args: Vec<&[u8]> = vec![started.as_bytes(), keys.model().as_bytes()];
     for (j, (v, a)) in jobs.iter().zip(&nums) {
         args.extend([
-            j.job_id.as_bytes(),
             v.as_bytes(),
             a.as_bytes(),
             j.reply_to.unwrap_or("").as_bytes(),
@@ -337,7 +336,7 @@ pub async fn finish(
     }
     // Per job: result key, hash key, reply list; an absent hash or reply repeats the
     // result key. An id-less entry has no record: a throwaway key in the slot stands in.
-    let mut owned: Vec<String> = Vec::with_capacity(results.len() * 2);
+    let mut owned: Vec<String> = Vec::with_capacity(results.len() * 3);
     let mut slots: Vec<(usize, Option<usize>, Option<usize>)> = Vec::with_capacity(results.len());
     for r in results {
         let id = r.job_id.as_deref().unwrap_or("-");
@@ -426,7 +425,11 @@ async fn finish_polled(
     }
     for r in results.iter().filter(|r| r.has_hash) {
         let id = r.job_id.as_deref().unwrap_or_default();
-        pipe.cmd("EXPIRE").arg(keys.job(id)).arg(ttl_s).ignore();
+        pipe.cmd("EXPIRE")
+            .arg(keys.job(id))
+            .arg(ttl_s)
+            .arg("NX")
+            .ignore();
     }
     let entries: Vec<&str> = results.iter().map(|r| r.entry_id.as_str()).collect();
     pipe.cmd("PUBLISH").arg(keys.done()).arg(ids).ignore();

@@ -14,6 +14,11 @@ use super::{GROUP, Keys, QueueError, RedisTarget};
 
 /// Bytes read from the socket at a time (a reply may span several reads).
 const CHUNK: usize = 64 * 1024;
+/// A reply this large is no stream read of ours: the connection is dropped.
+const MAX_REPLY: usize = 1 << 30;
+/// Buffer capacity kept between reads; a larger one (after a read of big entries) is
+/// given back.
+const KEEP: usize = 4 * 1024 * 1024;
 
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Socket for T {}
@@ -104,6 +109,9 @@ impl StreamReader {
             Ok(r) => r.and_then(|()| parse_read(&self.buf)),
             Err(_) => Err(io_error(std::io::ErrorKind::TimedOut, "no reply in time")),
         };
+        if self.buf.capacity() > KEEP {
+            self.buf = Vec::with_capacity(CHUNK);
+        }
         if result.is_err() {
             self.socket = None;
         }
@@ -186,6 +194,9 @@ async fn receive(socket: &mut Box<dyn Socket>, buf: &mut Vec<u8>) -> Result<(), 
             Err(Incomplete) => {}
         }
         let start = buf.len();
+        if start > MAX_REPLY {
+            return Err(QueueError::Protocol("read new jobs (reply over 1 GiB)"));
+        }
         buf.resize(start + CHUNK, 0);
         let n = socket
             .read(&mut buf[start..])
@@ -200,10 +211,17 @@ async fn receive(socket: &mut Box<dyn Socket>, buf: &mut Vec<u8>) -> Result<(), 
         }
     }
     if buf.first() == Some(&b'-') {
-        let line = String::from_utf8_lossy(&buf[1..buf.len().saturating_sub(2)]).into_owned();
-        return Err(server_error(&line));
+        return Err(error_reply(buf));
     }
     Ok(())
+}
+
+/// A complete `-CODE message` reply as the error it reports.
+fn error_reply(buf: &[u8]) -> QueueError {
+    match line(buf, 0) {
+        Ok((head, _)) => server_error(&String::from_utf8_lossy(head.get(1..).unwrap_or_default())),
+        Err(Incomplete) => MALFORMED,
+    }
 }
 
 /// Not enough bytes yet for a whole reply.
@@ -422,6 +440,20 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn error_lines_of_any_shape_do_not_panic() {
+        for line in ["-\n", "-\r\n", "-ERR x\n", "-"] {
+            assert!(
+                matches!(
+                    error_reply(line.as_bytes()),
+                    QueueError::Redis { .. } | QueueError::Protocol(_)
+                ),
+                "{line:?}"
+            );
+        }
+        assert!(error_reply(b"-NOGROUP no group\n").is_nogroup());
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub async fn submit(
 ) -> Result<Submitted, QueueError> {
     let record = keys.job(&entry.id);
     let result = keys.result(&entry.id);
+    // This writes the record hash, so the entry must say so, whatever the caller set.
     let mut fields = entry.to_fields();
     if !entry.record {
         fields.push((crate::protocol::job::field::RECORD, b"1".to_vec()));
@@ -98,7 +99,9 @@ pub async fn submit(
 /// the result, so a job that turns terminal between the two reads is seen terminal,
 /// never unknown.
 pub async fn get(conn: &mut Conn, keys: &Keys, id: &str) -> Result<Option<JobRecord>, QueueError> {
-    let (hash, result): (HashMap<String, String>, Option<String>) = redis::pipe()
+    let (ttl, hash, result): (i64, HashMap<String, String>, Option<String>) = redis::pipe()
+        .cmd("PTTL")
+        .arg(keys.job(id))
         .cmd("HGETALL")
         .arg(keys.job(id))
         .cmd("GET")
@@ -110,6 +113,8 @@ pub async fn get(conn: &mut Conn, keys: &Keys, id: &str) -> Result<Option<JobRec
         Some(json) => serde_json::from_str(&json)
             .map(Some)
             .map_err(|_| QueueError::Protocol("read a terminal record (not a job record)")),
+        // Only an ended job's hash has a TTL: its result has expired, the job is unknown.
+        None if ttl >= 0 => Ok(None),
         None => Ok(JobRecord::from_hash(id, keys.model(), &hash)),
     }
 }

@@ -268,9 +268,9 @@ impl Pipeline {
 
     /// Reads up to `count` new jobs; with `block`, waits that long for one when none waits.
     /// No new read starts once shutdown began; one already sent is not abandoned (it
-    /// ends within `block`): Redis puts whatever it delivers in this consumer's pending
-    /// list, so dropping the reply would strand those jobs until another worker's
-    /// `claim_after`.
+    /// ends within `block`), and what it returns is kept even when indexing it fails:
+    /// Redis puts whatever it delivers in this consumer's pending list, so dropping it
+    /// would strand those jobs until another worker's `claim_after`.
     async fn read(
         &mut self,
         count: usize,
@@ -285,7 +285,18 @@ impl Pipeline {
             Some(fast) => fast.read_new(keys, consumer, count, block).await?,
             None => consume::read_new(conn, keys, consumer, count, block).await?,
         };
-        consume::index(conn, keys, &got).await?;
+        // What was read is this consumer's now: held (so kept fresh) and never dropped.
+        // A refused index write (Redis out of memory: XREADGROUP is not refused, HSET
+        // is) is retried before anything else happens, which also stops further reads
+        // until Redis has room again.
+        got.iter().for_each(|d| self.held.insert(&d.entry_id));
+        let mut backoff = Backoff::new(Duration::from_secs(2));
+        while let Err(e) = consume::index(conn, keys, &got).await {
+            tracing::warn!(model = keys.model(), jobs = got.len(), error = %e, "cannot index the jobs read yet; retrying");
+            if !backoff.wait(&self.stop).await {
+                break;
+            }
+        }
         Ok(got)
     }
 
@@ -682,7 +693,6 @@ impl Pipeline {
     }
 }
 
-/// Keeps only the outputs the client asked for (all when none named).
 /// Running-mark states of a batch: not decided yet, sent, or skipped (results first).
 const MARK_PENDING: u8 = 0;
 const MARK_SENT: u8 = 1;
@@ -697,6 +707,7 @@ fn settle(mark: &AtomicU8, to: u8) -> u8 {
     }
 }
 
+/// Keeps only the outputs the client asked for (all when none named).
 fn select(outputs: Vec<Tensor>, wanted: &[String]) -> Vec<Tensor> {
     if wanted.is_empty() {
         return outputs;

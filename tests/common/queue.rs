@@ -534,3 +534,15 @@ pub async fn reply_ids<C: ConnectionLike + Send>(conn: &mut C, key: &str) -> Vec
         })
         .collect()
 }
+
+/// `CONFIG SET maxmemory <bytes>`: `"1"` makes every write that may use memory fail
+/// with OOM (the server keeps noeviction), `"0"` lifts the limit.
+pub async fn set_maxmemory<C: ConnectionLike + Send>(conn: &mut C, bytes: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async::<()>(conn)
+        .await
+        .unwrap_or_else(|e| panic!("CONFIG SET maxmemory {bytes}: {e}"));
+}

@@ -12,6 +12,10 @@ local done = redis.call('GET', result)
 if done then
   return {2, string.match(done, '"status":"(%a+)"') or 'succeeded'}
 end
+if redis.call('PTTL', rec) >= 0 then
+  -- Only an ended job's hash has a TTL: its result has expired, the job is forgotten.
+  return {0}
+end
 local h = redis.call('HGETALL', rec)
 local known = false
 for i = 1, #h, 2 do
@@ -32,7 +36,7 @@ end
 local json = cjson.encode(r)
 local ttl = tonumber(ARGV[2])
 redis.call('SET', result, json, 'EX', ttl)
-redis.call('EXPIRE', rec, ttl)
+redis.call('EXPIRE', rec, ttl, 'NX')
 if KEYS[3] ~= rec then
   redis.call('RPUSH', KEYS[3], json)
   redis.call('EXPIRE', KEYS[3], ttl)

@@ -24,9 +24,10 @@ while a <= #ARGV do
   entries[#entries + 1] = eid
   local fresh = 1
   if id ~= '' then
-    -- The hash gets the TTL even when the result already existed: a later delivery's
-    -- running mark may have made one that the first writer did not know of.
-    if hash ~= result then redis.call('EXPIRE', hash, ttl) end
+    -- The hash gets the TTL even when the result already existed (a later delivery's
+    -- running mark may have made one the first writer did not know of), but only if
+    -- it has none: a hash never outlives its result by a duplicate's late write.
+    if hash ~= result then redis.call('EXPIRE', hash, ttl, 'NX') end
     if redis.call('SET', result, json, 'NX', 'EX', ttl) then
       won[#won + 1] = id
       if reply ~= result then

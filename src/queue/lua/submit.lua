@@ -16,8 +16,12 @@
 -- Returns {0, entry_id} created | {1, status} same job exists | {2} id taken by
 -- another body | {3, length} backlog full
 local rec, stream = KEYS[1], KEYS[2]
-local existing = redis.call('HGET', rec, 'body_sha')
 local done = redis.call('GET', KEYS[3])
+if not done and redis.call('PTTL', rec) >= 0 then
+  -- Only an ended job's hash has a TTL: its result has expired, the id is free again.
+  redis.call('DEL', rec)
+end
+local existing = redis.call('HGET', rec, 'body_sha')
 if existing and existing == ARGV[1] then
   local status = done and string.match(done, '"status":"(%a+)"')
   return {1, status or redis.call('HGET', rec, 'status') or 'queued'}
