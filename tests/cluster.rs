@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::http::{Client, free_port, infer_body, response_outputs};
+use common::queue::xadd_cmd;
 use common::{Reference, TempRegistry, assert_outputs, inferq_command, run, run_ok};
 use redis::Commands;
 use serde_json::Value;
@@ -395,19 +396,13 @@ fn jobs_for_models_on_three_cluster_nodes_complete() {
         let reply = format!("{}direct", keys.reply_prefix());
         let mut conn = cluster.connection();
         let body = infer_body(&reference.input_rows(0..n), serde_json::json!({}));
-        let _: String = redis::cmd("XADD")
-            .arg(keys.jobs())
-            .arg("*")
-            .arg("v")
-            .arg("1")
-            .arg("id")
-            .arg("direct-1")
-            .arg("body")
-            .arg(&body)
-            .arg("reply_to")
-            .arg(&reply)
-            .query(&mut conn)
-            .expect("XADD");
+        let fields = [
+            ("v", "1"),
+            ("id", "direct-1"),
+            ("body", body.as_str()),
+            ("reply_to", reply.as_str()),
+        ];
+        let _: String = xadd_cmd(name, &fields).query(&mut conn).expect("XADD");
         let popped: Option<(String, String)> = conn.blpop(&reply, 30.0).expect("BLPOP");
         let (_, record) =
             popped.unwrap_or_else(|| panic!("no reply for {name}:\n{}", worker.log()));
@@ -478,14 +473,7 @@ fn jobs_for_models_on_three_cluster_nodes_complete() {
     // Dead letters on the cluster: an entry without a valid id is dead-lettered; listing,
     // replaying (MULTI/EXEC on the model's slot) and purging it work.
     let first = placed.keys().next().expect("a model").clone();
-    let keys = inferq::queue::Keys::new(&first);
-    let _: String = redis::cmd("XADD")
-        .arg(keys.jobs())
-        .arg("*")
-        .arg("v")
-        .arg("1")
-        .arg("id")
-        .arg("not a valid id!")
+    let _: String = xadd_cmd(&first, &[("v", "1"), ("id", "not a valid id!")])
         .query(&mut cluster.connection())
         .expect("XADD");
     let dlq = |args: &[&str]| {

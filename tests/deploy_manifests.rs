@@ -364,6 +364,27 @@ fn workers_scale_on_the_consumer_group_lag_of_every_model_stream() {
 }
 
 /// The pod templates of every workload: (kind/name, pod spec).
+/// Redis' command line (a YAML/JSON list) keeps every acknowledged job and evicts
+/// none: AOF with `appendfsync always`, `noeviction`.
+fn assert_durable_redis(args: &Value, whose: &str) {
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap_or_else(|| panic!("{whose}: redis arguments are a list"))
+        .iter()
+        .map(|a| a.as_str().expect("string argument"))
+        .collect();
+    for pair in [
+        ["--appendonly", "yes"],
+        ["--appendfsync", "always"],
+        ["--maxmemory-policy", "noeviction"],
+    ] {
+        assert!(
+            args.windows(2).any(|w| w == pair),
+            "{whose}: redis {args:?} lacks {pair:?}"
+        );
+    }
+}
+
 fn pod_specs(docs: &[Doc]) -> Vec<(String, Value)> {
     docs.iter()
         .filter(|d| matches!(d.kind(), "Deployment" | "StatefulSet" | "Job"))
@@ -497,22 +518,10 @@ fn pods_are_hardened_probed_and_drain_in_time() {
     );
     // Redis: AOF always, noeviction, on a persistent volume.
     let redis = find(&docs, "StatefulSet", "redis");
-    let args: Vec<&str> = redis["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_array()
-        .expect("redis args")
-        .iter()
-        .map(|a| a.as_str().expect("string arg"))
-        .collect();
-    for pair in [
-        ["--appendonly", "yes"],
-        ["--appendfsync", "always"],
-        ["--maxmemory-policy", "noeviction"],
-    ] {
-        assert!(
-            args.windows(2).any(|w| w == pair),
-            "redis args {args:?} lack {pair:?}"
-        );
-    }
+    assert_durable_redis(
+        &redis["spec"]["template"]["spec"]["containers"][0]["args"],
+        "the StatefulSet",
+    );
     assert!(redis["spec"]["volumeClaimTemplates"].is_array());
 }
 
@@ -741,22 +750,7 @@ fn docker_compose_accepts_the_file_and_it_has_the_stack() {
             _ => assert!(ports.is_empty(), "{name} must not be published: {ports:?}"),
         }
     }
-    let redis_cmd: Vec<&str> = services["redis"]["command"]
-        .as_array()
-        .expect("redis command")
-        .iter()
-        .map(|a| a.as_str().expect("string"))
-        .collect();
-    for pair in [
-        ["--appendonly", "yes"],
-        ["--appendfsync", "always"],
-        ["--maxmemory-policy", "noeviction"],
-    ] {
-        assert!(
-            redis_cmd.windows(2).any(|w| w == pair),
-            "redis {redis_cmd:?} lacks {pair:?}"
-        );
-    }
+    assert_durable_redis(&services["redis"]["command"], "compose");
     assert!(
         services["redis"]["healthcheck"]["test"]
             .to_string()

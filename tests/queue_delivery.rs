@@ -373,32 +373,18 @@ async fn stale_consumers_without_pending_jobs_are_removed() {
     inferq::queue::consume::ensure_group(&mut conn, &keys)
         .await
         .unwrap();
-    let _: String = redis::cmd("XADD")
-        .arg(keys.jobs())
-        .arg("*")
-        .arg("v")
-        .arg("1")
-        .arg("id")
-        .arg("held")
-        .arg("body")
-        .arg("{}")
-        .query_async(&mut s.conn)
-        .await
-        .unwrap();
+    xadd(
+        &mut s.conn,
+        &s.model,
+        &[("v", "1"), ("id", "held"), ("body", "{}")],
+    )
+    .await;
     // "holder" takes the entry and never acknowledges it; "ghost" holds nothing.
     let taken = inferq::queue::consume::read_new(&mut conn, &keys, "holder", 1, None)
         .await
         .unwrap();
     assert_eq!(taken.len(), 1);
-    let created: i64 = redis::cmd("XGROUP")
-        .arg("CREATECONSUMER")
-        .arg(keys.jobs())
-        .arg("inferq")
-        .arg("ghost")
-        .query_async(&mut s.conn)
-        .await
-        .unwrap();
-    assert_eq!(created, 1);
+    create_consumer(&mut s.conn, &keys, "ghost").await;
     tokio::time::sleep(Duration::from_millis(30)).await;
     let removed =
         janitor::remove_stale_consumers(&mut conn, &keys, Duration::from_millis(10), "live")
@@ -412,15 +398,7 @@ async fn stale_consumers_without_pending_jobs_are_removed() {
     assert_eq!(consumers, vec!["holder".to_owned()]);
 
     // A worker does the same on its own, at ten times claim_after (at least 10 s).
-    let created: i64 = redis::cmd("XGROUP")
-        .arg("CREATECONSUMER")
-        .arg(keys.jobs())
-        .arg("inferq")
-        .arg("ghost2")
-        .query_async(&mut s.conn)
-        .await
-        .unwrap();
-    assert_eq!(created, 1);
+    create_consumer(&mut s.conn, &keys, "ghost2").await;
     let w = start_worker(&s.redis, &s.registry, worker_config(&s.model, "live")).await;
     let deadline = Instant::now() + Duration::from_secs(25);
     loop {
@@ -433,6 +411,19 @@ async fn stale_consumers_without_pending_jobs_are_removed() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(w.shutdown().await);
+}
+
+/// Adds an idle consumer that holds nothing to the model's group.
+async fn create_consumer(conn: &mut redis::aio::MultiplexedConnection, keys: &Keys, name: &str) {
+    let created: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(keys.jobs())
+        .arg(inferq::queue::GROUP)
+        .arg(name)
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert_eq!(created, 1, "consumer {name} created");
 }
 
 async fn consumer_names(conn: &mut redis::aio::MultiplexedConnection, keys: &Keys) -> Vec<String> {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::queue::*;
 use common::{RedisOptions, RedisServer, assert_outputs, inferq_command, run_ok};
 use inferq::protocol::job::JobEntry;
+use inferq::protocol::oip::encode_request;
 use inferq::protocol::{Tensor, TensorData};
 use inferq::queue::Keys;
 
@@ -80,8 +81,8 @@ async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
     let row = cycled_inputs(&s.reference, 0, 1);
     warm_up(&mut s.conn, &s.model, &row, WAIT).await;
 
-    let good = oip_body(&row);
-    let body = |t: Tensor| oip_body(&[t]);
+    let good = encode_request(&row);
+    let body = |t: Tensor| encode_request(&[t]);
     let six_rows = cycled_inputs(&s.reference, 0, 6);
     let bin_six = inferq::protocol::binary::encode(&six_rows).expect("encode");
     let other_model_reply = reply_key("someone-else", "x");
@@ -164,7 +165,7 @@ async fn bad_entries_and_inputs_each_fail_alone_and_the_worker_keeps_serving() {
         ),
         (
             "too-many-elements",
-            fields(&[("body", &oip_body(&six_rows))]),
+            fields(&[("body", &encode_request(&six_rows))]),
             "120 elements, over the per-job cap of 100",
             Some("too_large"),
         ),

@@ -285,14 +285,17 @@ impl Pipeline {
             Some(fast) => fast.read_new(keys, consumer, count, block).await?,
             None => consume::read_new(conn, keys, consumer, count, block).await?,
         };
-        // What was read is this consumer's now: held (so kept fresh) and never dropped.
-        // A refused index write (Redis out of memory: XREADGROUP is not refused, HSET
-        // is) is retried before anything else happens, which also stops further reads
-        // until Redis has room again.
-        got.iter().for_each(|d| self.held.insert(&d.entry_id));
+        // What was read is this consumer's now and never dropped. A refused index write
+        // (Redis out of memory: XREADGROUP is not refused, HSET is) is retried before
+        // anything else happens, which also stops further reads until Redis has room;
+        // meanwhile the jobs are held, so kept fresh (intake holds them otherwise).
         let mut backoff = Backoff::new(Duration::from_secs(2));
+        let mut held = false;
         while let Err(e) = consume::index(conn, keys, &got).await {
             tracing::warn!(model = keys.model(), jobs = got.len(), error = %e, "cannot index the jobs read yet; retrying");
+            if !std::mem::replace(&mut held, true) {
+                got.iter().for_each(|d| self.held.insert(&d.entry_id));
+            }
             if !backoff.wait(&self.stop).await {
                 break;
             }

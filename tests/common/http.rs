@@ -405,8 +405,8 @@ impl Client {
 /// An OIP v2 JSON inference request body carrying `inputs` (encoded here, not by the
 /// codec under test), with extra top-level fields from `extra` (e.g. `id`).
 pub fn infer_body(inputs: &[Tensor], extra: Value) -> String {
-    let mut body: Value =
-        serde_json::from_slice(&super::queue::oip_body(inputs)).expect("the body is JSON");
+    let mut body: Value = serde_json::from_slice(&inferq::protocol::oip::encode_request(inputs))
+        .expect("the body is JSON");
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
     }

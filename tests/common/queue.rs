@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use inferq::protocol::job::{JobEntry, Payload};
+use inferq::protocol::oip::encode_request;
 use inferq::protocol::{Tensor, TensorData, binary};
 use inferq::queue::Keys;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -165,38 +166,11 @@ pub async fn connect(redis: &RedisServer) -> MultiplexedConnection {
         .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", redis.url(), redis.log()))
 }
 
-/// An OIP v2 JSON request body carrying `inputs`.
-pub fn oip_body(inputs: &[Tensor]) -> Vec<u8> {
-    let tensors: Vec<serde_json::Value> = inputs
-        .iter()
-        .map(|t| {
-            let data = match &t.data {
-                TensorData::Bool(v) => serde_json::json!(v),
-                TensorData::Int32(v) => serde_json::json!(v),
-                TensorData::Int64(v) => serde_json::json!(v),
-                // f32 -> f64 is exact, and serde_json prints the shortest f64 that
-                // reads back to it, so the worker sees exactly these floats.
-                TensorData::Fp32(v) => {
-                    serde_json::json!(v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>())
-                }
-                TensorData::Fp64(v) => serde_json::json!(v),
-            };
-            serde_json::json!({
-                "name": t.name,
-                "shape": t.shape,
-                "datatype": t.data.datatype().as_str(),
-                "data": data,
-            })
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({ "inputs": tensors })).expect("JSON body")
-}
-
 /// A job entry with an OIP v2 JSON body.
 pub fn json_job(id: &str, inputs: &[Tensor]) -> JobEntry {
     JobEntry {
         id: id.to_owned(),
-        payload: Payload::Json(oip_body(inputs)),
+        payload: Payload::Json(encode_request(inputs)),
         version: None,
         deadline_ms: None,
         reply_to: None,
