@@ -1,7 +1,7 @@
 //! The batching policy (`inferq::batcher::take_batch`) over a backlog of 1,000 waiting
 //! jobs: how long it takes to cut the backlog into batches of 64 rows, with one
-//! version (the common case) and with two versions interleaved (jobs skipped for
-//! another version keep their place).
+//! version and shape (the common case) and with two interleaved (jobs skipped for
+//! another version or shape keep their place).
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -12,15 +12,15 @@ use inferq::batcher::{Batchable, take_batch};
 #[derive(Debug, Clone)]
 struct Job {
     rows: usize,
-    version: u64,
+    group: u64,
 }
 
 impl Batchable for Job {
     fn rows(&self) -> usize {
         self.rows
     }
-    fn version(&self) -> u64 {
-        self.version
+    fn batches_with(&self, first: &Self) -> bool {
+        self.group == first.group
     }
 }
 
@@ -28,7 +28,7 @@ fn backlog(versions: u64) -> VecDeque<Job> {
     (0..1000u64)
         .map(|i| Job {
             rows: 1 + (i % 3) as usize,
-            version: 1 + i % versions,
+            group: 1 + i % versions,
         })
         .collect()
 }

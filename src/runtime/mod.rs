@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 pub use library::locate;
 pub use pool::{InferPool, LoadedModel};
-pub use session::ModelSession;
+pub use session::{ModelSession, stackable};
 pub use signature::{InvalidInput, Signature, TensorSpec, ValidInputs};
 
 /// Runtime failures; every one names the model it concerns where there is one.

@@ -102,10 +102,16 @@ impl ModelSession {
     /// Runs several jobs' inputs (each validated, in signature order) as one batch and
     /// returns each job's outputs, row order kept. When the batch fails, it is bisected
     /// so only the job at fault fails.
+    ///
+    /// Jobs that cannot be stacked (see [`stackable`]) are run one at a time: the
+    /// batcher never sends such a mix, and this keeps a wrong answer impossible if it did.
     pub fn run_jobs(&mut self, jobs: &[&[Tensor]]) -> Vec<JobOutputs> {
         match jobs {
             [] => Vec::new(),
             [one] => vec![self.run_rows(one)],
+            [first, rest @ ..] if !rest.iter().all(|j| stackable(j, first)) => {
+                jobs.iter().map(|j| self.run_rows(j)).collect()
+            }
             _ => match self.run_rows(&concat(jobs)).map(|out| split(out, jobs)) {
                 Ok(Some(per_job)) => per_job.into_iter().map(Ok).collect(),
                 // An output without a batch dimension cannot be split: run jobs alone.
@@ -137,6 +143,10 @@ impl ModelSession {
             let chunk: Vec<Tensor> = inputs
                 .iter()
                 .map(|t| {
+                    if t.shape.is_empty() {
+                        // A scalar input has no batch dimension: every chunk gets it whole.
+                        return t.clone();
+                    }
                     let w = t.row_len();
                     let mut data = t.data.slice(start * w..(start + take) * w);
                     let padding = if pad { fixed - take } else { 0 };
@@ -257,9 +267,28 @@ fn extract(name: &str, value: &DynValue) -> Result<Tensor, String> {
     })
 }
 
+/// Whether two jobs' inputs can be stacked along the batch dimension in one ORT call:
+/// the same inputs in the same order and types, each of rank 1 or more, agreeing on
+/// every dimension but the first. Anything else would reinterpret one job's numbers
+/// with another's shape.
+pub fn stackable(a: &[Tensor], b: &[Tensor]) -> bool {
+    !a.is_empty()
+        && a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.name == y.name
+                && x.data.datatype() == y.data.datatype()
+                && x.shape.len() == y.shape.len()
+                && x.shape
+                    .split_first()
+                    .is_some_and(|(_, dims)| *dims == y.shape[1..])
+        })
+}
+
 /// Stacks several jobs' tensors (same names, same order) along the batch dimension.
 fn concat(jobs: &[&[Tensor]]) -> Vec<Tensor> {
-    let first = jobs[0];
+    let Some(first) = jobs.first() else {
+        return Vec::new();
+    };
     (0..first.len())
         .map(|i| {
             let rows: usize = jobs.iter().map(|j| j[i].rows()).sum();

@@ -64,8 +64,9 @@ impl Batchable for Ready {
     fn rows(&self) -> usize {
         self.rows
     }
-    fn version(&self) -> u64 {
-        self.version.model.version
+    fn batches_with(&self, first: &Self) -> bool {
+        self.version.model.version == first.version.model.version
+            && crate::runtime::stackable(&self.inputs, &first.inputs)
     }
 }
 

@@ -60,6 +60,20 @@ pub fn model_path(name: &str) -> PathBuf {
     p
 }
 
+/// `testdata/shapes/<name>.onnx`: the variable-shape test models
+/// (scripts/make_shape_models.py).
+pub fn shape_model_path(name: &str) -> PathBuf {
+    let p = repo_root()
+        .join("testdata/shapes")
+        .join(format!("{name}.onnx"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
 /// The bytes of a demo model.
 pub fn model_bytes(name: &str) -> Vec<u8> {
     std::fs::read(model_path(name)).expect("read a demo model")

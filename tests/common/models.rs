@@ -5,7 +5,7 @@ use std::path::Path;
 use inferq::protocol::{Tensor, TensorData};
 use inferq::registry::{NewVersion, Registry};
 
-use super::{inspect, model_bytes, model_path, repo_root};
+use super::{inspect, model_bytes, model_path, repo_root, shape_model_path};
 
 /// A `<name>.reference.json`: inputs and the outputs onnxruntime (Python) computed.
 #[derive(Debug, Clone)]
@@ -182,6 +182,19 @@ impl TempRegistry {
         self.registry
             .add(&model_path(model), name, new, inspect)
             .unwrap_or_else(|e| panic!("add {model} as {name}: {e}"))
+    }
+
+    /// Adds `testdata/shapes/<file>.onnx` (a variable-shape test model) as the next
+    /// version of `name`.
+    pub fn add_shape_model(&self, file: &str, name: &str) -> inferq::registry::Manifest {
+        self.registry
+            .add(
+                &shape_model_path(file),
+                name,
+                NewVersion::default(),
+                inspect,
+            )
+            .unwrap_or_else(|e| panic!("add {file} as {name}: {e}"))
     }
 
     /// Asserts that `name` has exactly versions 1..=n, each manifest naming its own
