@@ -18,8 +18,9 @@ pub struct Settings {
 
     /// Redis: redis://, rediss:// or redis+unix:// URL; a comma-separated list of node
     /// URLs means Redis Cluster. Unset: `serve` starts a private redis-server;
-    /// `gateway` and `worker` refuse to start.
-    #[arg(long, env = "INFERQ_REDIS_URL", global = true)]
+    /// `gateway` and `worker` refuse to start. May hold a password: its value is never
+    /// shown; INFERQ_REDIS_URL_FILE names a file holding it instead (a mounted secret).
+    #[arg(long, env = "INFERQ_REDIS_URL", hide_env_values = true, global = true)]
     pub redis_url: Option<String>,
 
     /// Address of the HTTP front door.
@@ -119,8 +120,15 @@ pub struct Settings {
     pub consumer: Option<String>,
 
     /// API keys (comma-separated); when set, every route but health needs
-    /// `Authorization: Bearer <key>`.
-    #[arg(long, env = "INFERQ_API_KEYS", value_delimiter = ',', global = true)]
+    /// `Authorization: Bearer <key>`. Never shown; INFERQ_API_KEYS_FILE names a file
+    /// holding them instead (a mounted secret).
+    #[arg(
+        long,
+        env = "INFERQ_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        global = true
+    )]
     pub api_keys: Vec<String>,
 
     /// Largest request body in bytes.
@@ -401,6 +409,39 @@ impl fmt::Debug for Settings {
             .field("async_threads", &self.async_threads)
             .finish()
     }
+}
+
+/// Settings that may hold a secret, by setting id and variable: their values are never
+/// printed (`--help` hides env values and config-file defaults of these), and each
+/// may come from the file that `<VARIABLE>_FILE` names, Docker's and Kubernetes'
+/// way of passing secrets.
+pub const SECRETS: [(&str, &str); 2] = [
+    ("redis_url", "INFERQ_REDIS_URL"),
+    ("api_keys", "INFERQ_API_KEYS"),
+];
+
+/// True for a setting id in [`SECRETS`].
+pub fn is_secret(id: &str) -> bool {
+    SECRETS.iter().any(|(s, _)| *s == id)
+}
+
+/// The value of a secret from the file `<var>_FILE` names, when that is set (trailing
+/// line ends dropped). Setting both the variable and its `_FILE` is an error.
+pub fn secret_from_file(var: &str) -> Result<Option<String>, String> {
+    let file_var = format!("{var}_FILE");
+    let Some(path) = std::env::var_os(&file_var).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    if std::env::var_os(var).is_some_and(|v| !v.is_empty()) {
+        return Err(format!("set {var} or {file_var}, not both"));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "{file_var}: cannot read {}: {e}",
+            PathBuf::from(&path).display()
+        )
+    })?;
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
 }
 
 /// Reads a TOML config file into `(setting, value)` pairs; keys are setting names

@@ -71,7 +71,14 @@ pub fn parse() -> anyhow::Result<Cli> {
             if !command.get_arguments().any(|a| a.get_id() == key.as_str()) || key == "config" {
                 bail!("config file {}: unknown setting `{key}`", path.display());
             }
-            command = command.mut_arg(key, |a| a.default_value(value));
+            let secret = config::is_secret(&key);
+            command = command.mut_arg(key, |a| a.default_value(value).hide_default_value(secret));
+        }
+    }
+    // A secret's `_FILE` variable sits at the environment's level: above the file.
+    for (id, var) in config::SECRETS {
+        if let Some(value) = config::secret_from_file(var).map_err(anyhow::Error::msg)? {
+            command = command.mut_arg(id, |a| a.default_value(value).hide_default_value(true));
         }
     }
     let matches = command.get_matches_from(args);
@@ -107,5 +114,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => dlq::run(&cli.settings, command),
         Command::Submit(args) => submit::run(&cli.settings, args),
         Command::Bench(args) => bench::run(&cli.settings, *args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_secret_is_a_setting_whose_env_value_is_hidden() {
+        let command = Cli::command();
+        for (id, var) in config::SECRETS {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .unwrap_or_else(|| panic!("secret `{id}` is not a setting"));
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(var), "{id}");
+            assert!(arg.is_hide_env_values_set(), "{id} shows its env value");
+        }
     }
 }
