@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod embedded;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod producer;
 pub mod protocol;

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub jobs_lost: IntCounterVec,
     /// A stream or group found missing (Redis lost data), by model.
     pub data_loss_events: IntCounterVec,
+    /// Panics caught in inference (each dead-letters the job that caused it), by model.
+    pub inference_panics: IntCounterVec,
     /// Redis errors by operation.
     pub redis_errors: IntCounterVec,
     /// Stream entries per model (waiting + pending + not yet trimmed).
@@ -209,6 +211,12 @@ impl Metrics {
                 "Times a model's stream or consumer group was found missing and recreated.",
                 &["model"],
             ),
+            inference_panics: counter(
+                &r,
+                "inferq_inference_panics_total",
+                "Panics caught while running inference; the job at fault is dead-lettered.",
+                &["model"],
+            ),
             redis_errors: counter(
                 &r,
                 "inferq_redis_errors_total",
@@ -343,6 +351,7 @@ impl Metrics {
             &self.duplicate_deliveries,
             &self.jobs_lost,
             &self.data_loss_events,
+            &self.inference_panics,
         ] {
             c.with_label_values(&[model]);
         }

@@ -36,7 +36,7 @@ async fn health_and_metadata_routes() {
     let ready = c.get("/v2/health/ready").await;
     assert_eq!(
         ready.expect(200).json(),
-        json!({ "ready": true, "redis": true, "registry": true })
+        json!({ "ready": true, "redis": true, "registry": true, "models_down": {} })
     );
 
     let v = c.get("/v2").await.expect(200).json();

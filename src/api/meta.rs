@@ -127,7 +127,8 @@ impl App {
         }
     }
 
-    /// Ready when Redis answers and the registry is readable.
+    /// Ready when Redis answers, the registry is readable and no model this process
+    /// serves has lost its inference threads.
     async fn ready(&self) -> Reply {
         let mut conn = self.conn.clone();
         let redis_ok = redis::cmd("PING")
@@ -135,16 +136,17 @@ impl App {
             .await
             .is_ok();
         let registry_ok = self.producer.registry().registry().names().is_ok();
-        let status = if redis_ok && registry_ok {
+        // `serve` runs workers in this process: a model they stopped serving counts.
+        let down = crate::health::models_down();
+        let ok = redis_ok && registry_ok && down.is_empty();
+        let status = if ok {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
-        json(
-            status,
-            json!({ "ready": redis_ok && registry_ok, "redis": redis_ok, "registry": registry_ok })
-                .to_string(),
-        )
+        let body =
+            json!({ "ready": ok, "redis": redis_ok, "registry": registry_ok, "models_down": down });
+        json(status, body.to_string())
     }
 
     fn model_metadata(&self, m: &str, v: Option<u64>) -> Result<Reply, ApiError> {
@@ -280,7 +282,8 @@ fn known_path(segs: &[&str]) -> bool {
 }
 
 /// The metrics listener every role has: `/metrics` and the health routes, off the
-/// public port. Ready when Redis answers.
+/// public port. Ready when Redis answers and every model this process took on is
+/// still served ([`crate::health`]).
 pub async fn ops<B>(req: Request<B>, mut conn: crate::queue::Conn) -> Reply {
     let path = req.uri().path();
     let t0 = std::time::Instant::now();
@@ -291,19 +294,19 @@ pub async fn ops<B>(req: Request<B>, mut conn: crate::queue::Conn) -> Reply {
             json(StatusCode::OK, r#"{"live":true}"#.into()),
         ),
         (&Method::GET, "/v2/health/ready") => {
-            let ok = redis::cmd("PING")
+            let redis_ok = redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
                 .is_ok();
+            let down = crate::health::models_down();
+            let ok = redis_ok && down.is_empty();
             let status = if ok {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            (
-                "/v2/health/ready",
-                json(status, json!({ "ready": ok, "redis": ok }).to_string()),
-            )
+            let body = json!({ "ready": ok, "redis": redis_ok, "models_down": down });
+            ("/v2/health/ready", json(status, body.to_string()))
         }
         _ => {
             let e = ApiError::NotFound(format!("no route for {path} on the metrics listener"));

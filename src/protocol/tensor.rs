@@ -150,17 +150,20 @@ impl TensorData {
         }
     }
 
-    /// Appends `other[range]`; both must hold the same type (checked by validation first).
+    /// Appends `other[range]`. False, appending nothing, when the types differ or the
+    /// range is out of bounds (never a panic, whatever shapes a caller computed).
     pub fn extend_from(&mut self, other: &TensorData, range: std::ops::Range<usize>) -> bool {
-        match (self, other) {
-            (TensorData::Bool(a), TensorData::Bool(b)) => a.extend_from_slice(&b[range]),
-            (TensorData::Int32(a), TensorData::Int32(b)) => a.extend_from_slice(&b[range]),
-            (TensorData::Int64(a), TensorData::Int64(b)) => a.extend_from_slice(&b[range]),
-            (TensorData::Fp32(a), TensorData::Fp32(b)) => a.extend_from_slice(&b[range]),
-            (TensorData::Fp64(a), TensorData::Fp64(b)) => a.extend_from_slice(&b[range]),
-            _ => return false,
+        fn append<T: Clone>(a: &mut Vec<T>, b: &[T], range: std::ops::Range<usize>) -> bool {
+            b.get(range).map(|part| a.extend_from_slice(part)).is_some()
         }
-        true
+        match (self, other) {
+            (TensorData::Bool(a), TensorData::Bool(b)) => append(a, b, range),
+            (TensorData::Int32(a), TensorData::Int32(b)) => append(a, b, range),
+            (TensorData::Int64(a), TensorData::Int64(b)) => append(a, b, range),
+            (TensorData::Fp32(a), TensorData::Fp32(b)) => append(a, b, range),
+            (TensorData::Fp64(a), TensorData::Fp64(b)) => append(a, b, range),
+            _ => false,
+        }
     }
 
     /// A copy of the elements in `range`.

@@ -480,6 +480,31 @@ pub async fn last_error(
         .map_err(QueueError::redis("read the last error"))
 }
 
+/// The fields of one stream entry, `None` when it is gone (trimmed): what a dead
+/// letter keeps of a job whose fields the worker no longer holds.
+pub async fn entry(
+    conn: &mut Conn,
+    keys: &Keys,
+    entry_id: &str,
+) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, QueueError> {
+    let reply: Value = redis::cmd("XRANGE")
+        .arg(keys.jobs())
+        .arg(entry_id)
+        .arg(entry_id)
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis("read a job entry"))?;
+    let Value::Array(list) = reply else {
+        return Err(QueueError::Protocol("read a job entry"));
+    };
+    Ok(list
+        .into_iter()
+        .find_map(parse_entry)
+        .and_then(|d| d.fields))
+}
+
 /// The job id (and reply list) of a pending entry that vanished from the stream,
 /// from the inflight index.
 pub async fn inflight_job(

@@ -4,6 +4,7 @@
 //! Nothing here touches async threads, Redis or job ids: a batch arrives as tensors
 //! grouped per job and leaves as tensors grouped per job.
 
+pub mod faults;
 mod library;
 pub mod pool;
 pub mod session;
@@ -36,6 +37,15 @@ pub enum RuntimeError {
         /// `name@version`.
         model: String,
         /// ORT's message.
+        message: String,
+    },
+    /// Inference panicked on this job's data (a bug inferq must not retry into): it
+    /// was caught, the session rebuilt, and the job is dead-lettered with this reason.
+    #[error("model {model}: inference panicked: {message}")]
+    Panicked {
+        /// `name@version`.
+        model: String,
+        /// The panic's message.
         message: String,
     },
     /// The inference threads are gone (shutdown).

@@ -5,12 +5,13 @@
 //! current one runs, and nothing piles up in memory (TEI's prefetch-one pattern).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::session::{JobOutputs, ModelSession};
-use super::{RuntimeError, Signature};
+use super::session::{JobOutputs, ModelSession, panic_message};
+use super::{RuntimeError, Signature, faults};
 use crate::protocol::Tensor;
 
 /// A model version whose bytes passed the hash check, ready for sessions.
@@ -45,6 +46,16 @@ struct Work {
 pub struct InferPool {
     tx: mpsc::Sender<Work>,
     name: Arc<str>,
+    alive: Arc<AtomicUsize>,
+}
+
+/// Counts a thread as alive until it ends, however it ends.
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A reserved slot: the next batch goes straight to a thread.
@@ -89,19 +100,34 @@ impl InferPool {
     pub fn spawn(name: &str, threads: usize, intra_threads: usize) -> InferPool {
         let (tx, rx) = mpsc::channel::<Work>(1);
         let rx = Arc::new(Mutex::new(rx));
+        let alive = Arc::new(AtomicUsize::new(0));
         for i in 0..threads.max(1) {
             let rx = Arc::clone(&rx);
-            std::thread::Builder::new()
+            let model: Arc<str> = name.into();
+            alive.fetch_add(1, Ordering::AcqRel);
+            let guard = Alive(Arc::clone(&alive));
+            let spawned = std::thread::Builder::new()
                 .name(format!("infer-{name}-{i}"))
-                .spawn(move || thread_main(&rx, intra_threads))
-                .expect(
-                    "cannot spawn an inference thread, this is a bug or the OS is out of threads",
-                );
+                .spawn(move || {
+                    let _alive = guard;
+                    thread_main(&rx, intra_threads, &model);
+                });
+            if let Err(e) = spawned {
+                // The guard went with the closure and was dropped: not counted.
+                tracing::error!(model = name, error = %e, "cannot start an inference thread");
+            }
         }
         InferPool {
             tx,
             name: name.into(),
+            alive,
         }
+    }
+
+    /// Inference threads still running. Zero while the pool is not shutting down
+    /// means the model cannot be served here any more.
+    pub fn threads_alive(&self) -> usize {
+        self.alive.load(Ordering::Acquire)
     }
 
     /// Waits until a thread can take a batch.
@@ -126,13 +152,15 @@ impl InferPool {
     }
 }
 
-fn thread_main(rx: &Mutex<mpsc::Receiver<Work>>, intra_threads: usize) {
+fn thread_main(rx: &Mutex<mpsc::Receiver<Work>>, intra_threads: usize, model_name: &str) {
     let mut sessions: HashMap<u64, ModelSession> = HashMap::new();
     loop {
-        let work = {
-            let Ok(mut guard) = rx.lock() else { return };
-            guard.blocking_recv()
-        };
+        // A poisoned lock only means another thread panicked holding it; the
+        // receiver inside is intact.
+        let work = rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .blocking_recv();
         let Some(Work {
             model,
             jobs,
@@ -142,15 +170,61 @@ fn thread_main(rx: &Mutex<mpsc::Receiver<Work>>, intra_threads: usize) {
         else {
             return;
         };
-        let outputs = match session_for(&mut sessions, &model, intra_threads) {
-            Ok(session) => {
-                session.set_max_rows(max_rows);
-                let refs: Vec<&[Tensor]> = jobs.iter().map(Vec::as_slice).collect();
-                session.run_jobs(&refs)
+        if faults::take_end_thread(model_name) {
+            return;
+        }
+        let refs: Vec<&[Tensor]> = jobs.iter().map(Vec::as_slice).collect();
+        let outputs = match guarded(&mut sessions, &model, &refs, max_rows, intra_threads) {
+            Ok(outputs) => outputs,
+            // A panic outside the session's own guard (building or warming a session,
+            // or splitting outputs): each job alone finds the culprit.
+            Err(message) if refs.len() > 1 => {
+                tracing::warn!(model = %model.label(), jobs = refs.len(), %message, "inference panicked; running the batch's jobs one at a time");
+                refs.iter()
+                    .map(|job| {
+                        match guarded(&mut sessions, &model, &[job], max_rows, intra_threads) {
+                            Ok(one) => one.into_iter().next().unwrap_or_else(|| {
+                                Err(panicked(&model, "no result for the job".into()))
+                            }),
+                            Err(m) => Err(panicked(&model, m)),
+                        }
+                    })
+                    .collect()
             }
-            Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+            Err(message) => vec![Err(panicked(&model, message))],
         };
         let _ = reply.send(outputs);
+    }
+}
+
+/// Runs one batch; a panic drops this thread's sessions (rebuilt on next use) and
+/// comes back as its message.
+fn guarded(
+    sessions: &mut HashMap<u64, ModelSession>,
+    model: &LoadedModel,
+    jobs: &[&[Tensor]],
+    max_rows: Option<usize>,
+    intra_threads: usize,
+) -> Result<Vec<JobOutputs>, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        match session_for(sessions, model, intra_threads) {
+            Ok(session) => {
+                session.set_max_rows(max_rows);
+                session.run_jobs(jobs)
+            }
+            Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }))
+    .map_err(|panic| {
+        sessions.clear();
+        panic_message(panic.as_ref())
+    })
+}
+
+fn panicked(model: &LoadedModel, message: String) -> RuntimeError {
+    RuntimeError::Panicked {
+        model: model.label(),
+        message,
     }
 }
 

@@ -105,17 +105,21 @@ impl ModelSession {
     ///
     /// Jobs that cannot be stacked (see [`stackable`]) are run one at a time: the
     /// batcher never sends such a mix, and this keeps a wrong answer impossible if it did.
+    ///
+    /// A panic while running (a bug reached by some job's data) is caught and treated
+    /// like an ORT failure: bisected, so only the job that causes it fails, with
+    /// [`RuntimeError::Panicked`].
     pub fn run_jobs(&mut self, jobs: &[&[Tensor]]) -> Vec<JobOutputs> {
         match jobs {
             [] => Vec::new(),
-            [one] => vec![self.run_rows(one)],
+            [one] => vec![self.run_guarded(one)],
             [first, rest @ ..] if !rest.iter().all(|j| stackable(j, first)) => {
-                jobs.iter().map(|j| self.run_rows(j)).collect()
+                jobs.iter().map(|j| self.run_guarded(j)).collect()
             }
-            _ => match self.run_rows(&concat(jobs)).map(|out| split(out, jobs)) {
+            _ => match self.run_guarded(&concat(jobs)).map(|out| split(out, jobs)) {
                 Ok(Some(per_job)) => per_job.into_iter().map(Ok).collect(),
                 // An output without a batch dimension cannot be split: run jobs alone.
-                Ok(None) => jobs.iter().map(|j| self.run_rows(j)).collect(),
+                Ok(None) => jobs.iter().map(|j| self.run_guarded(j)).collect(),
                 Err(_) => {
                     let (a, b) = jobs.split_at(jobs.len() / 2);
                     let mut out = self.run_jobs(a);
@@ -124,6 +128,19 @@ impl ModelSession {
                 }
             },
         }
+    }
+
+    /// [`ModelSession::run_rows`] with a panic turned into an error. Unwinding out of
+    /// our own code leaves the ORT session as it was (a run either returned or never
+    /// started), so the session stays usable.
+    fn run_guarded(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_rows(inputs)))
+            .unwrap_or_else(|panic| {
+                Err(RuntimeError::Panicked {
+                    model: self.label.clone(),
+                    message: panic_message(panic.as_ref()),
+                })
+            })
     }
 
     /// Runs tensors sharing a batch dimension. A model with a fixed batch size runs
@@ -174,6 +191,7 @@ impl ModelSession {
     }
 
     fn run_once(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        super::faults::check_run(&self.label, inputs);
         let run_err = |message: String| RuntimeError::Run {
             model: self.label.clone(),
             message,
@@ -265,6 +283,15 @@ fn extract(name: &str, value: &DynValue) -> Result<Tensor, String> {
         shape,
         data,
     })
+}
+
+/// The message of a caught panic (`&str` or `String` payloads; others unnamed).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Whether two jobs' inputs can be stacked along the batch dimension in one ORT call:

@@ -81,6 +81,11 @@ pub(crate) struct Pipeline {
     waiting: VecDeque<Ready>,
     tracker: TaskTracker,
     stop: CancellationToken,
+    /// Ends the refresh of held jobs: with `stop`, or when the model can no longer be
+    /// served here (its jobs must then go to other workers).
+    release: CancellationToken,
+    /// False once every inference thread ended: nothing more is read.
+    serving: bool,
     claim_cursor: String,
     /// Entry ids this pipeline holds (waiting, in flight, or being written): their
     /// idle time is refreshed so no janitor, ours included, reclaims them.
@@ -115,7 +120,9 @@ impl Pipeline {
             writer,
             waiting: VecDeque::new(),
             tracker,
+            release: stop.child_token(),
             stop,
+            serving: true,
             claim_cursor: "0-0".into(),
             held: Held::default(),
             rows_per_job: 1.0,
@@ -140,10 +147,10 @@ impl Pipeline {
             self.writer.clone(),
             Arc::clone(&self.keys),
             Arc::clone(&self.cfg),
-            self.stop.clone(),
+            self.release.clone(),
         ));
         self.drain_own_pending(&mut backoff).await;
-        while !self.stop.is_cancelled() {
+        while !self.stop.is_cancelled() && self.serving {
             if let Err(e) = self.step().await {
                 metrics().redis_errors.with_label_values(&["read"]).inc();
                 if e.is_nogroup() {
@@ -229,7 +236,10 @@ impl Pipeline {
             () = self.stop.cancelled() => return Ok(()),
             s = pool.reserve() => match s {
                 Ok(s) => s,
-                Err(_) => return Ok(()),
+                Err(e) => {
+                    self.lost_inference(&e);
+                    return Ok(());
+                }
             },
         };
         let batch_cfg = self.models.default_batch();
@@ -265,6 +275,20 @@ impl Pipeline {
         let batch = take_batch(&mut self.waiting, batch_cfg.max_batch);
         self.dispatch(slot, batch);
         Ok(())
+    }
+
+    /// Every inference thread ended (they survive panics, so this is rare and for
+    /// good): stop reading and reclaiming, stop refreshing what is held so other
+    /// workers reclaim it after `claim_after`, and turn this process not-ready.
+    fn lost_inference(&mut self, e: &RuntimeError) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let model = self.keys.model();
+        tracing::error!(model, error = %e, jobs_held = self.waiting.len(), "no inference thread is left for this model; it is no longer served here and this process is not ready");
+        crate::health::model_down(model, &e.to_string());
+        self.serving = false;
+        self.release.cancel();
     }
 
     /// Reads up to `count` new jobs; with `block`, waits that long for one when none waits.
@@ -600,6 +624,15 @@ impl Pipeline {
                 let end = match out {
                     Ok(tensors) => End::Succeeded(select(tensors, &job.wanted)),
                     Err(e @ RuntimeError::Run { .. }) => End::Failed("inference", e.to_string()),
+                    Err(e @ RuntimeError::Panicked { .. }) => {
+                        m.inference_panics.with_label_values(&[keys.model()]).inc();
+                        tracing::error!(model = keys.model(), job = job.info.job_id.as_deref().unwrap_or_default(), error = %e, "inference panicked on this job; dead-lettering it");
+                        let why = format!("{e} (dead-lettered: the same input would panic again)");
+                        match consume::entry(&mut writer_for_notes, &keys, &job.info.entry_id).await {
+                            Ok(Some(fields)) => End::DeadLetter(why, fields),
+                            _ => End::Failed("inference", why),
+                        }
+                    }
                     Err(e) => {
                         // Load trouble or shutdown: leave the job pending for another try.
                         if let Some(id) = &job.info.job_id {
