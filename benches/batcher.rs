@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use inferq::batcher::{Batchable, take_batch};
+use inferq::batcher::{Batchable, Limits, take_batch};
 
 #[derive(Debug, Clone)]
 struct Job {
@@ -36,7 +36,7 @@ fn backlog(versions: u64) -> VecDeque<Job> {
 fn drain(mut q: VecDeque<Job>) -> usize {
     let mut batches = 0;
     while !q.is_empty() {
-        black_box(take_batch(&mut q, 64));
+        black_box(take_batch(&mut q, &Limits::rows(64)));
         batches += 1;
     }
     batches
@@ -53,7 +53,7 @@ fn batcher(c: &mut Criterion) {
     g.bench_function("one_batch_from_1000", |b| {
         b.iter_batched(
             || backlog(1),
-            |mut q| take_batch(&mut q, 64),
+            |mut q| take_batch(&mut q, &Limits::rows(64)),
             BatchSize::SmallInput,
         )
     });

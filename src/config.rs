@@ -54,6 +54,17 @@ pub struct Settings {
     #[arg(long, env = "INFERQ_MAX_BATCH", default_value_t = 64, global = true)]
     pub max_batch: usize,
 
+    /// Padded elements per batch, for models that declare padding: rows × padded
+    /// length (the product of the padded axes), TEI's max_batch_tokens in spirit; a
+    /// model's manifest may override it. 0: no bound beyond INFERQ_MAX_BATCH.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_BATCH_ELEMENTS",
+        default_value_t = 16_384,
+        global = true
+    )]
+    pub max_batch_elements: usize,
+
     /// Extra wait in ms for more rows when a batch is not full (0: never wait).
     #[arg(long, env = "INFERQ_MAX_WAIT_MS", default_value_t = 0, global = true)]
     pub max_wait_ms: u64,
@@ -210,6 +221,8 @@ pub struct WorkerConfig {
 pub struct BatchConfig {
     /// Rows per batch.
     pub max_batch: usize,
+    /// Padded elements per batch of a padded model (0: no bound).
+    pub max_elements: usize,
     /// Extra wait for more rows.
     pub max_wait: Duration,
 }
@@ -306,6 +319,7 @@ impl Settings {
             consumer: self.consumer.clone().unwrap_or_else(default_consumer),
             batch: BatchConfig {
                 max_batch: self.max_batch,
+                max_elements: self.max_batch_elements,
                 max_wait: Duration::from_millis(self.max_wait_ms),
             },
             infer_threads: self.infer_threads,
@@ -385,6 +399,7 @@ impl fmt::Debug for Settings {
             .field("metrics_listen", &self.metrics_listen)
             .field("serve_models", &self.serve_models)
             .field("max_batch", &self.max_batch)
+            .field("max_batch_elements", &self.max_batch_elements)
             .field("max_wait_ms", &self.max_wait_ms)
             .field("infer_threads", &self.infer_threads)
             .field("intra_threads", &self.intra_threads)

@@ -38,6 +38,26 @@ const SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
+/// Input elements per batch: powers of 4 from 1 to about 4 million.
+const ELEMENT_BUCKETS: &[f64] = &[
+    1.0,
+    4.0,
+    16.0,
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+];
+
+/// The `kind` values of `inferq_input_elements_total`: what the jobs carried, and what
+/// ORT was fed once padded (padding waste = 1 - real / padded).
+pub const ELEMENT_KINDS: [&str; 2] = ["real", "padded"];
+
 /// All of inferq's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -72,6 +92,12 @@ pub struct Metrics {
     pub batch_rows: HistogramVec,
     /// Jobs per batch.
     pub batch_jobs: HistogramVec,
+    /// Input elements per batch as ORT is fed them (padding included).
+    pub batch_elements: HistogramVec,
+    /// Distinct input shapes per batch (above 1 only for padded models).
+    pub batch_shapes: HistogramVec,
+    /// Input elements inferred, real and padded, by model.
+    pub input_elements: IntCounterVec,
     /// Enqueue to batch start.
     pub queue_wait: HistogramVec,
     /// Inference time per batch.
@@ -256,6 +282,26 @@ impl Metrics {
                 &["model"],
                 SIZE_BUCKETS,
             ),
+            batch_elements: histogram(
+                &r,
+                "inferq_batch_elements",
+                "Input elements per inference batch, padding included.",
+                &["model"],
+                ELEMENT_BUCKETS,
+            ),
+            batch_shapes: histogram(
+                &r,
+                "inferq_batch_shapes",
+                "Distinct input shapes per inference batch (jobs padded to one).",
+                &["model"],
+                SIZE_BUCKETS,
+            ),
+            input_elements: counter(
+                &r,
+                "inferq_input_elements_total",
+                "Input elements inferred: `real` as the jobs sent them, `padded` as ORT ran them.",
+                &["model", "kind"],
+            ),
             queue_wait: histogram(
                 &r,
                 "inferq_queue_wait_seconds",
@@ -358,9 +404,14 @@ impl Metrics {
         for reason in REJECTION_REASONS {
             self.jobs_rejected.with_label_values(&[model, reason]);
         }
+        for kind in ELEMENT_KINDS {
+            self.input_elements.with_label_values(&[model, kind]);
+        }
         for h in [
             &self.batch_rows,
             &self.batch_jobs,
+            &self.batch_elements,
+            &self.batch_shapes,
             &self.queue_wait,
             &self.end_to_end,
         ] {

@@ -130,13 +130,17 @@ impl Producer {
                 "unknown output `{unknown}` requested"
             )));
         }
-        manifest
+        let valid = manifest
             .signature
             .validate(request.inputs, self.max_elements)
             .map_err(|e| match e {
                 InvalidInput::Invalid(m) => ProduceError::Invalid(m),
                 InvalidInput::TooLarge(m) => ProduceError::TooLarge(m),
             })?;
+        if let Some(p) = &manifest.padding {
+            // Inputs padded together must agree on their padded axes.
+            p.lengths(&valid.tensors).map_err(ProduceError::Invalid)?;
+        }
         let id = req.id.or(request.id).unwrap_or_else(job::new_id);
         if !job::valid_id(&id) {
             let shown: String = id.chars().take(140).collect();

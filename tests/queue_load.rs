@@ -337,7 +337,7 @@ async fn a_models_manifest_batching_overrides_the_worker_default() {
     let new = inferq::registry::NewVersion {
         batching: Some(inferq::registry::Batching {
             max_batch: Some(4),
-            max_wait_ms: None,
+            ..Default::default()
         }),
         ..Default::default()
     };

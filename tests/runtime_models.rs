@@ -254,6 +254,7 @@ fn loaded(r: &TempRegistry, name: &str, version: Option<u64>) -> Arc<LoadedModel
         version: manifest.version,
         bytes: bytes.into(),
         signature: manifest.signature,
+        padding: manifest.padding,
     })
 }
 
@@ -302,6 +303,7 @@ async fn the_pool_fails_every_job_of_a_model_it_cannot_load() {
         version: 2,
         bytes: b"garbage".as_slice().into(),
         signature: session("iris-f64").signature().clone(),
+        padding: None,
     });
     let jobs = Reference::load("iris-f64").input_rows(0..1);
     let pool = InferPool::spawn("broken", 1, 1);

@@ -11,7 +11,9 @@ mod common;
 use std::time::Duration;
 
 use common::queue::*;
-use common::{RedisOptions, RedisServer, TempRegistry, init_ort, shape_model_path, unique_name};
+use common::{
+    Lcg, RedisOptions, RedisServer, TempRegistry, init_ort, shape_model_path, unique_name,
+};
 use inferq::protocol::job::JobEntry;
 use inferq::protocol::{Tensor, TensorData};
 use inferq::runtime::ModelSession;
@@ -117,20 +119,6 @@ fn the_runtime_never_stacks_jobs_of_different_shapes() {
                 assert_own_answer(&what, &inputs[i][0], o);
             }
         }
-    }
-}
-
-/// A small deterministic generator (Knuth's MMIX LCG), so a failure replays.
-struct Lcg(u64);
-
-impl Lcg {
-    /// A number in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 33) % n as u64) as usize
     }
 }
 

@@ -165,7 +165,7 @@ impl App {
                 .map(|s| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape }))
                 .collect::<Vec<_>>()
         };
-        let body = json!({
+        let mut body = json!({
             "name": manifest.name,
             "versions": versions,
             "version": manifest.version.to_string(),
@@ -174,6 +174,10 @@ impl App {
             "outputs": tensors(&manifest.signature.outputs),
             "metadata": manifest.metadata,
         });
+        // Which lengths may differ within a batch (and which outputs are cut back).
+        if let Some(p) = &manifest.padding {
+            body["padding"] = json!(p);
+        }
         Ok(json(StatusCode::OK, body.to_string()))
     }
 

@@ -32,6 +32,20 @@ pub enum ModelsCommand {
         /// Extra batch wait in ms for this model (overrides INFERQ_MAX_WAIT_MS).
         #[arg(long = "batch-max-wait-ms")]
         batch_max_wait_ms: Option<u64>,
+        /// Padded elements per batch for this model, rows × padded length (overrides
+        /// INFERQ_MAX_BATCH_ELEMENTS).
+        #[arg(long = "batch-max-elements")]
+        batch_max_elements: Option<usize>,
+        /// An input axis that may be padded, `INPUT:AXIS[=VALUE]` (value 0 by default;
+        /// repeatable), e.g. `--pad input_ids:1 --pad attention_mask:1`: jobs of
+        /// different lengths then share a batch, padded to the longest.
+        #[arg(long = "pad", value_parser = parse_pad)]
+        pad: Vec<crate::runtime::padding::PadInput>,
+        /// An output axis that has the padded length and is cut back to each job's,
+        /// `OUTPUT:AXIS[=INPUT_AXIS]` (repeatable), e.g. `--pad-output last_hidden_state:1`.
+        /// Outputs not named follow no padded axis (pooled outputs).
+        #[arg(long = "pad-output", value_parser = parse_pad_output)]
+        pad_output: Vec<crate::runtime::padding::PadOutput>,
     },
     /// List models: name, versions, default, size, created.
     List {
@@ -71,6 +85,53 @@ pub enum ModelsCommand {
     },
 }
 
+/// `INPUT:AXIS[=VALUE]`.
+fn parse_pad(s: &str) -> Result<crate::runtime::padding::PadInput, String> {
+    let (spec, value) = match s.split_once('=') {
+        Some((spec, v)) => (
+            spec,
+            v.parse::<f64>()
+                .map_err(|_| format!("`{v}` in `{s}` is not a number"))?,
+        ),
+        None => (s, 0.0),
+    };
+    let (name, axis) = name_axis(spec, s)?;
+    Ok(crate::runtime::padding::PadInput { name, axis, value })
+}
+
+/// `OUTPUT:AXIS[=INPUT_AXIS]`.
+fn parse_pad_output(s: &str) -> Result<crate::runtime::padding::PadOutput, String> {
+    let (spec, follows) = match s.split_once('=') {
+        Some((spec, f)) => (spec, Some(f)),
+        None => (s, None),
+    };
+    let (name, axis) = name_axis(spec, s)?;
+    let follows = match follows {
+        Some(f) => f
+            .parse()
+            .map_err(|_| format!("`{f}` in `{s}` is not an axis number"))?,
+        None => axis,
+    };
+    Ok(crate::runtime::padding::PadOutput {
+        name,
+        axis,
+        follows,
+    })
+}
+
+fn name_axis(spec: &str, whole: &str) -> Result<(String, usize), String> {
+    let (name, axis) = spec
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{whole}` is not NAME:AXIS"))?;
+    let axis = axis
+        .parse()
+        .map_err(|_| format!("`{axis}` in `{whole}` is not an axis number"))?;
+    if name.is_empty() {
+        return Err(format!("`{whole}` names no tensor"));
+    }
+    Ok((name.to_owned(), axis))
+}
+
 fn parse_meta(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -102,12 +163,25 @@ pub(super) fn run(settings: &Settings, command: ModelsCommand) -> anyhow::Result
             meta,
             batch_max_rows,
             batch_max_wait_ms,
+            batch_max_elements,
+            pad,
+            pad_output,
         } => {
-            let batching =
-                (batch_max_rows.is_some() || batch_max_wait_ms.is_some()).then_some(Batching {
-                    max_batch: batch_max_rows,
-                    max_wait_ms: batch_max_wait_ms,
-                });
+            let batching = (batch_max_rows.is_some()
+                || batch_max_wait_ms.is_some()
+                || batch_max_elements.is_some())
+            .then_some(Batching {
+                max_batch: batch_max_rows,
+                max_wait_ms: batch_max_wait_ms,
+                max_batch_elements: batch_max_elements,
+            });
+            if !pad_output.is_empty() && pad.is_empty() {
+                bail!("--pad-output needs at least one --pad (an input axis to pad)");
+            }
+            let padding = (!pad.is_empty()).then_some(crate::runtime::Padding {
+                inputs: pad,
+                outputs: pad_output,
+            });
             if batch_max_rows == Some(0) {
                 bail!("--batch-max-rows must be at least 1");
             }
@@ -115,6 +189,7 @@ pub(super) fn run(settings: &Settings, command: ModelsCommand) -> anyhow::Result
                 version,
                 metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
                 batching,
+                padding,
             };
             let label = file.display().to_string();
             let m = registry.add(&file, &name, new, |bytes| {

@@ -141,12 +141,18 @@ impl TensorData {
 
     /// `count` zero elements of `datatype`: padding for models with a fixed batch size.
     pub fn zeros(datatype: DataType, count: usize) -> TensorData {
+        TensorData::filled(datatype, count, 0.0)
+    }
+
+    /// `count` elements of `datatype` equal to `value` (a pad value, checked to fit
+    /// the type when the padding was declared).
+    pub fn filled(datatype: DataType, count: usize, value: f64) -> TensorData {
         match datatype {
-            DataType::Bool => TensorData::Bool(vec![false; count]),
-            DataType::Int32 => TensorData::Int32(vec![0; count]),
-            DataType::Int64 => TensorData::Int64(vec![0; count]),
-            DataType::Fp32 => TensorData::Fp32(vec![0.0; count]),
-            DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
+            DataType::Bool => TensorData::Bool(vec![value != 0.0; count]),
+            DataType::Int32 => TensorData::Int32(vec![value as i32; count]),
+            DataType::Int64 => TensorData::Int64(vec![value as i64; count]),
+            DataType::Fp32 => TensorData::Fp32(vec![value as f32; count]),
+            DataType::Fp64 => TensorData::Fp64(vec![value; count]),
         }
     }
 
@@ -194,5 +200,93 @@ impl Tensor {
     /// Elements per row.
     pub fn row_len(&self) -> usize {
         self.shape.iter().skip(1).product()
+    }
+
+    /// This tensor with `axis` extended to `to` entries filled with `value` (a copy
+    /// when it is already that long or longer, or has no such axis).
+    pub fn pad_axis(&self, axis: usize, to: usize, value: f64) -> Tensor {
+        let Some(&have) = self.shape.get(axis).filter(|&&d| d < to) else {
+            return self.clone();
+        };
+        let inner: usize = self.shape[axis + 1..].iter().product();
+        let outer: usize = self.shape[..axis].iter().product();
+        let fill = TensorData::filled(self.data.datatype(), (to - have) * inner, value);
+        let mut data = TensorData::with_capacity(self.data.datatype(), outer * to * inner);
+        for o in 0..outer {
+            let start = o * have * inner;
+            data.extend_from(&self.data, start..start + have * inner);
+            data.extend_from(&fill, 0..fill.len());
+        }
+        let mut shape = self.shape.clone();
+        shape[axis] = to;
+        Tensor {
+            name: self.name.clone(),
+            shape,
+            data,
+        }
+    }
+
+    /// This tensor with `axis` cut to its first `keep` entries (unchanged when it has
+    /// no more, or no such axis).
+    pub fn narrow_axis(self, axis: usize, keep: usize) -> Tensor {
+        let Some(&have) = self.shape.get(axis).filter(|&&d| d > keep) else {
+            return self;
+        };
+        let inner: usize = self.shape[axis + 1..].iter().product();
+        let outer: usize = self.shape[..axis].iter().product();
+        let mut data = TensorData::with_capacity(self.data.datatype(), outer * keep * inner);
+        for o in 0..outer {
+            let start = o * have * inner;
+            data.extend_from(&self.data, start..start + keep * inner);
+        }
+        let mut shape = self.shape;
+        shape[axis] = keep;
+        Tensor {
+            name: self.name,
+            shape,
+            data,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(shape: Vec<usize>) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        Tensor {
+            name: "x".into(),
+            shape,
+            data: TensorData::Int64((0..n as i64).collect()),
+        }
+    }
+
+    #[test]
+    fn pads_and_narrows_an_inner_axis() {
+        // [[0, 1], [2, 3]] padded on axis 1 to 3 with -1.
+        let p = t(vec![2, 2]).pad_axis(1, 3, -1.0);
+        assert_eq!(p.shape, vec![2, 3]);
+        assert_eq!(p.data, TensorData::Int64(vec![0, 1, -1, 2, 3, -1]));
+        assert_eq!(p.narrow_axis(1, 2), t(vec![2, 2]));
+    }
+
+    proptest! {
+        /// Narrowing what was padded gives the tensor back, on any axis, and padding
+        /// never touches the original elements' order.
+        #[test]
+        fn narrow_undoes_pad(
+            shape in proptest::collection::vec(1usize..4, 1..4),
+            axis in 0usize..4,
+            extra in 0usize..3,
+        ) {
+            let x = t(shape.clone());
+            let axis = axis % shape.len();
+            let to = shape[axis] + extra;
+            let p = x.pad_axis(axis, to, 7.0);
+            prop_assert_eq!(p.data.len(), p.shape.iter().product::<usize>());
+            prop_assert_eq!(p.narrow_axis(axis, shape[axis]), x);
+        }
     }
 }

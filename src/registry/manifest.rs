@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::Signature;
+use crate::runtime::{Padding, Signature};
 
 /// Batching settings a model may carry; they override the process defaults for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,6 +16,9 @@ pub struct Batching {
     /// Extra wait for more rows, in ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,
+    /// Padded elements per batch (rows × padded length) for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_elements: Option<usize>,
 }
 
 /// `models/<name>/<version>/manifest.json`.
@@ -40,4 +43,7 @@ pub struct Manifest {
     /// Per-model batching overrides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<Batching>,
+    /// Axes that may be padded so jobs of different lengths share a batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding: Option<Padding>,
 }

@@ -149,6 +149,9 @@ pub struct NewVersion {
     pub metadata: BTreeMap<String, String>,
     /// Batching overrides.
     pub batching: Option<Batching>,
+    /// Padding declaration, checked against the model's signature before anything is
+    /// written.
+    pub padding: Option<crate::runtime::Padding>,
 }
 
 /// A handle on a registry directory.
@@ -206,6 +209,9 @@ impl Registry {
             |why: String| RegistryError::Refused(format!("cannot add {}: {why}", file.display()));
         check_no_external_data(&bytes).map_err(refuse)?;
         let signature = inspect(&bytes).map_err(refuse)?;
+        if let Some(p) = &new.padding {
+            p.validate(&signature).map_err(refuse)?;
+        }
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         Self::no_symlink(&dir)?;
         let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
@@ -235,6 +241,7 @@ impl Registry {
             signature,
             metadata: new.metadata,
             batching: new.batching,
+            padding: new.padding,
         };
         // Rename fails when the target version exists (it is never empty), so racing
         // adds each land on their own version number.

@@ -6,6 +6,7 @@
 
 pub mod faults;
 mod library;
+pub mod padding;
 pub mod pool;
 pub mod session;
 pub mod signature;
@@ -13,6 +14,7 @@ pub mod signature;
 use std::sync::OnceLock;
 
 pub use library::locate;
+pub use padding::Padding;
 pub use pool::{InferPool, LoadedModel};
 pub use session::{ModelSession, stackable};
 pub use signature::{InvalidInput, Signature, TensorSpec, ValidInputs};

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 use super::session::{JobOutputs, ModelSession, panic_message};
-use super::{RuntimeError, Signature, faults};
+use super::{Padding, RuntimeError, Signature, faults};
 use crate::protocol::Tensor;
 
 /// A model version whose bytes passed the hash check, ready for sessions.
@@ -25,6 +25,8 @@ pub struct LoadedModel {
     pub bytes: Arc<[u8]>,
     /// Its signature, for validating jobs.
     pub signature: Signature,
+    /// Its padding declaration (validated against the signature), if any.
+    pub padding: Option<Padding>,
 }
 
 impl LoadedModel {
@@ -237,6 +239,7 @@ fn session_for<'a>(
     if let std::collections::hash_map::Entry::Vacant(e) = sessions.entry(model.version) {
         let mut s = ModelSession::load(&model.bytes, &model.label(), intra_threads)?;
         s.warm_up()?;
+        s.set_padding(model.padding.clone());
         e.insert(s);
     }
     Ok(sessions

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use super::{RuntimeError, Signature, TensorSpec, environment};
+use super::{Padding, RuntimeError, Signature, TensorSpec, environment};
 use crate::protocol::{DataType, Tensor, TensorData, tensor::with_data};
 
 /// A session plus what inferq needs to know about it. `run` takes `&mut self`
@@ -17,6 +17,7 @@ pub struct ModelSession {
     signature: Signature,
     label: String,
     max_rows: Option<usize>,
+    padding: Option<Padding>,
 }
 
 /// The outputs of one job, in the model's output order; or why it failed.
@@ -62,6 +63,7 @@ impl ModelSession {
             signature,
             label: label.to_owned(),
             max_rows: None,
+            padding: None,
         })
     }
 
@@ -69,6 +71,12 @@ impl ModelSession {
     /// outputs are reassembled in order (`None`: no cap).
     pub fn set_max_rows(&mut self, max_rows: Option<usize>) {
         self.max_rows = max_rows.filter(|&n| n > 0);
+    }
+
+    /// Lets jobs of different lengths on the declared axes run together, padded to
+    /// the longest and cut back per job (a declaration validated against the model).
+    pub fn set_padding(&mut self, padding: Option<Padding>) {
+        self.padding = padding;
     }
 
     /// The signature ORT reads from the model.
@@ -113,21 +121,78 @@ impl ModelSession {
         match jobs {
             [] => Vec::new(),
             [one] => vec![self.run_guarded(one)],
-            [first, rest @ ..] if !rest.iter().all(|j| stackable(j, first)) => {
+            [first, rest @ ..] if !rest.iter().all(|j| self.stackable(j, first)) => {
                 jobs.iter().map(|j| self.run_guarded(j)).collect()
+            }
+            _ if self.padding.is_some() && !jobs[1..].iter().all(|j| stackable(j, jobs[0])) => {
+                self.run_padded(jobs)
             }
             _ => match self.run_guarded(&concat(jobs)).map(|out| split(out, jobs)) {
                 Ok(Some(per_job)) => per_job.into_iter().map(Ok).collect(),
                 // An output without a batch dimension cannot be split: run jobs alone.
                 Ok(None) => jobs.iter().map(|j| self.run_guarded(j)).collect(),
-                Err(_) => {
-                    let (a, b) = jobs.split_at(jobs.len() / 2);
-                    let mut out = self.run_jobs(a);
-                    out.extend(self.run_jobs(b));
-                    out
-                }
+                Err(_) => self.bisect(jobs),
             },
         }
+    }
+
+    fn stackable(&self, a: &[Tensor], b: &[Tensor]) -> bool {
+        match &self.padding {
+            Some(p) => p.stackable(a, b),
+            None => stackable(a, b),
+        }
+    }
+
+    /// Jobs of different lengths on padded axes: each padded to the longest, run as
+    /// one batch, outputs cut back to each job's own lengths. A failure is bisected
+    /// like any other (each half padded to its own longest).
+    fn run_padded(&mut self, jobs: &[&[Tensor]]) -> Vec<JobOutputs> {
+        let Some(padding) = self.padding.clone() else {
+            return jobs.iter().map(|j| self.run_guarded(j)).collect();
+        };
+        let lengths: Result<Vec<Vec<usize>>, String> =
+            jobs.iter().map(|j| padding.lengths(j)).collect();
+        let lengths = match lengths {
+            Ok(l) => l,
+            // Checked per job before batching; run alone if it slipped through.
+            Err(_) => return jobs.iter().map(|j| self.run_guarded(j)).collect(),
+        };
+        let mut target = lengths[0].clone();
+        for l in &lengths[1..] {
+            for (t, &x) in target.iter_mut().zip(l) {
+                *t = (*t).max(x);
+            }
+        }
+        let padded: Vec<Vec<Tensor>> = jobs.iter().map(|j| padding.pad(j, &target)).collect();
+        let refs: Vec<&[Tensor]> = padded.iter().map(Vec::as_slice).collect();
+        let label = self.label.clone();
+        match self
+            .run_guarded(&concat(&refs))
+            .map(|out| split(out, &refs))
+        {
+            Ok(Some(per_job)) => per_job
+                .into_iter()
+                .zip(&lengths)
+                .map(|(out, own)| {
+                    padding
+                        .cut(out, own, &target)
+                        .map_err(|message| RuntimeError::Run {
+                            model: label.clone(),
+                            message,
+                        })
+                })
+                .collect(),
+            Ok(None) => jobs.iter().map(|j| self.run_guarded(j)).collect(),
+            Err(_) => self.bisect(jobs),
+        }
+    }
+
+    /// A failed batch, run again as two halves, so only the job at fault fails.
+    fn bisect(&mut self, jobs: &[&[Tensor]]) -> Vec<JobOutputs> {
+        let (a, b) = jobs.split_at(jobs.len() / 2);
+        let mut out = self.run_jobs(a);
+        out.extend(self.run_jobs(b));
+        out
     }
 
     /// [`ModelSession::run_rows`] with a panic turned into an error. Unwinding out of
@@ -223,18 +288,28 @@ impl ModelSession {
 
 fn spec(name: &str, dtype: &ValueType) -> TensorSpec {
     match dtype {
-        ValueType::Tensor { ty, shape, .. } => TensorSpec {
+        ValueType::Tensor {
+            ty,
+            shape,
+            dimension_symbols,
+        } => TensorSpec {
             name: name.to_owned(),
             datatype: oip_type(*ty).map_or_else(
                 || format!("{ty:?}").to_uppercase(),
                 |d| d.as_str().to_owned(),
             ),
             shape: shape.iter().copied().collect(),
+            symbols: if dimension_symbols.iter().all(String::is_empty) {
+                Vec::new()
+            } else {
+                dimension_symbols.iter().cloned().collect()
+            },
         },
         other => TensorSpec {
             name: name.to_owned(),
             datatype: format!("{other:?}").to_uppercase(),
             shape: Vec::new(),
+            symbols: Vec::new(),
         },
     }
 }
@@ -299,15 +374,28 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// every dimension but the first. Anything else would reinterpret one job's numbers
 /// with another's shape.
 pub fn stackable(a: &[Tensor], b: &[Tensor]) -> bool {
+    stackable_but(a, b, |_, _| false)
+}
+
+/// [`stackable`], except that dimensions `free(input, axis)` says may differ do.
+pub(crate) fn stackable_but(
+    a: &[Tensor],
+    b: &[Tensor],
+    free: impl Fn(&str, usize) -> bool,
+) -> bool {
     !a.is_empty()
         && a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             x.name == y.name
                 && x.data.datatype() == y.data.datatype()
                 && x.shape.len() == y.shape.len()
+                && !x.shape.is_empty()
                 && x.shape
-                    .split_first()
-                    .is_some_and(|(_, dims)| *dims == y.shape[1..])
+                    .iter()
+                    .zip(&y.shape)
+                    .enumerate()
+                    .skip(1)
+                    .all(|(axis, (dx, dy))| dx == dy || free(&x.name, axis))
         })
 }
 

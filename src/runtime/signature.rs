@@ -15,6 +15,11 @@ pub struct TensorSpec {
     pub datatype: String,
     /// Dimensions; `-1` marks a dynamic one (usually the batch dimension).
     pub shape: Vec<i64>,
+    /// ONNX's name of each dimension (`batch`, `sequence` …; empty for a fixed or
+    /// unnamed one). Two axes of one name have the same size, which is how padding
+    /// declarations are checked; empty for manifests written before it was kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symbols: Vec<String>,
 }
 
 /// What a model takes and gives.
@@ -205,11 +210,13 @@ mod tests {
                 name: "input".into(),
                 datatype: "FP32".into(),
                 shape: vec![-1, 3],
+                symbols: vec![],
             }],
             outputs: vec![TensorSpec {
                 name: "label".into(),
                 datatype: "INT64".into(),
                 shape: vec![-1],
+                symbols: vec![],
             }],
         }
     }

@@ -69,15 +69,27 @@ impl ModelCache {
         let batching = manifest.batching.clone().unwrap_or_default();
         let batch = BatchConfig {
             max_batch: batching.max_batch.unwrap_or(self.defaults.max_batch),
+            max_elements: batching
+                .max_batch_elements
+                .unwrap_or(self.defaults.max_elements),
             max_wait: batching
                 .max_wait_ms
                 .map_or(self.defaults.max_wait, Duration::from_millis),
         };
+        if let Some(p) = &manifest.padding {
+            // Checked when the version was added; a hand-edited manifest may be fixed
+            // by an operator, so jobs are retried until then.
+            p.validate(&manifest.signature).map_err(|e| ResolveError {
+                message: format!("model {}@{v}: {e}", self.name),
+                retry: Retry::Retryable,
+            })?;
+        }
         let model = Arc::new(LoadedModel {
             name: self.name.clone(),
             version: v,
             bytes: bytes.into(),
             signature: manifest.signature,
+            padding: manifest.padding,
         });
         tracing::info!(model = %self.name, version = v, "loaded model version");
         let found = Version { model, batch };

@@ -13,8 +13,8 @@ use tracing::Instrument;
 
 use super::models::{ModelCache, Version};
 use super::outcome::{End, JobInfo, terminal};
-use crate::batcher::{Batchable, take_batch, waiting_rows};
-use crate::config::WorkerConfig;
+use crate::batcher::{Batchable, Limits, take_batch, waiting_rows};
+use crate::config::{BatchConfig, WorkerConfig};
 use crate::error::Retry;
 use crate::metrics::metrics;
 use crate::protocol::job::{JobEntry, Payload};
@@ -57,6 +57,8 @@ struct Ready {
     version: Version,
     inputs: Vec<Tensor>,
     rows: usize,
+    /// Its length on each padded axis (empty: the model declares no padding).
+    lengths: Vec<usize>,
     wanted: Vec<String>,
 }
 
@@ -66,7 +68,21 @@ impl Batchable for Ready {
     }
     fn batches_with(&self, first: &Self) -> bool {
         self.version.model.version == first.version.model.version
-            && crate::runtime::stackable(&self.inputs, &first.inputs)
+            && match &self.version.model.padding {
+                Some(p) => p.stackable(&self.inputs, &first.inputs),
+                None => crate::runtime::stackable(&self.inputs, &first.inputs),
+            }
+    }
+    fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+}
+
+/// The batcher's bounds for a model's batching settings.
+fn limits(batch: &BatchConfig) -> Limits {
+    Limits {
+        max_elements: batch.max_elements,
+        ..Limits::rows(batch.max_batch)
     }
 }
 
@@ -179,7 +195,7 @@ impl Pipeline {
             let Ok(slot) = pool.reserve().await else {
                 break;
             };
-            let batch = take_batch(&mut self.waiting, self.models.default_batch().max_batch);
+            let batch = take_batch(&mut self.waiting, &limits(&self.models.default_batch()));
             self.dispatch(slot, batch);
         }
     }
@@ -213,7 +229,7 @@ impl Pipeline {
                             return;
                         };
                         let batch =
-                            take_batch(&mut self.waiting, self.models.default_batch().max_batch);
+                            take_batch(&mut self.waiting, &limits(&self.models.default_batch()));
                         self.dispatch(slot, batch);
                     }
                 }
@@ -272,7 +288,7 @@ impl Pipeline {
         if self.waiting.is_empty() {
             return Ok(());
         }
-        let batch = take_batch(&mut self.waiting, batch_cfg.max_batch);
+        let batch = take_batch(&mut self.waiting, &limits(&batch_cfg));
         self.dispatch(slot, batch);
         Ok(())
     }
@@ -501,11 +517,19 @@ impl Pipeline {
             .validate(inputs, self.cfg.queue.max_elements)
         {
             Ok(valid) => {
+                let lengths = match &version.model.padding {
+                    Some(p) => match p.lengths(&valid.tensors) {
+                        Ok(l) => l,
+                        Err(m) => return Some(terminal(&info, End::Failed("invalid", m))),
+                    },
+                    None => Vec::new(),
+                };
                 self.waiting.push_back(Ready {
                     info,
                     version,
                     rows: valid.rows,
                     inputs: valid.tensors,
+                    lengths,
                     wanted,
                 });
                 None
@@ -551,6 +575,7 @@ impl Pipeline {
         m.batch_jobs
             .with_label_values(&[name])
             .observe(batch.len() as f64);
+        observe_shapes(name, &model, &batch);
         let queue_wait = m.queue_wait.with_label_values(&[name]);
         let mut running: Vec<(String, u64, u32, Option<String>)> = Vec::with_capacity(batch.len());
         for j in &mut batch {
@@ -728,6 +753,28 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// A batch's input elements (real and as padded) and its distinct shapes.
+fn observe_shapes(name: &str, model: &crate::runtime::LoadedModel, batch: &[Ready]) {
+    let m = metrics();
+    let jobs: Vec<&[Tensor]> = batch.iter().map(|j| j.inputs.as_slice()).collect();
+    let (real, padded) = crate::runtime::padding::batch_elements(model.padding.as_ref(), &jobs);
+    m.batch_elements
+        .with_label_values(&[name])
+        .observe(padded as f64);
+    m.input_elements
+        .with_label_values(&[name, "real"])
+        .inc_by(real as u64);
+    m.input_elements
+        .with_label_values(&[name, "padded"])
+        .inc_by(padded as u64);
+    let mut shapes: Vec<&[usize]> = batch.iter().map(|j| j.lengths.as_slice()).collect();
+    shapes.sort_unstable();
+    shapes.dedup();
+    m.batch_shapes
+        .with_label_values(&[name])
+        .observe(shapes.len() as f64);
 }
 
 /// Running-mark states of a batch: not decided yet, sent, or skipped (results first).

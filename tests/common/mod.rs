@@ -74,6 +74,22 @@ pub fn shape_model_path(name: &str) -> PathBuf {
     p
 }
 
+/// A small deterministic generator (Knuth's MMIX LCG), so a failing random test
+/// replays exactly.
+#[derive(Debug)]
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
 /// The bytes of a demo model.
 pub fn model_bytes(name: &str) -> Vec<u8> {
     std::fs::read(model_path(name)).expect("read a demo model")

@@ -187,13 +187,18 @@ impl TempRegistry {
     /// Adds `testdata/shapes/<file>.onnx` (a variable-shape test model) as the next
     /// version of `name`.
     pub fn add_shape_model(&self, file: &str, name: &str) -> inferq::registry::Manifest {
+        self.add_shape_model_with(file, name, NewVersion::default())
+    }
+
+    /// [`TempRegistry::add_shape_model`] with settings (padding, batching).
+    pub fn add_shape_model_with(
+        &self,
+        file: &str,
+        name: &str,
+        new: NewVersion,
+    ) -> inferq::registry::Manifest {
         self.registry
-            .add(
-                &shape_model_path(file),
-                name,
-                NewVersion::default(),
-                inspect,
-            )
+            .add(&shape_model_path(file), name, new, inspect)
             .unwrap_or_else(|e| panic!("add {file} as {name}: {e}"))
     }
 

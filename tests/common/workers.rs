@@ -21,6 +21,7 @@ pub fn worker_config(model: &str, consumer: &str) -> WorkerConfig {
         consumer: consumer.to_owned(),
         batch: BatchConfig {
             max_batch: 64,
+            max_elements: 16_384,
             max_wait: Duration::ZERO,
         },
         infer_threads: 1,
