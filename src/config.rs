@@ -435,6 +435,11 @@ pub const SECRETS: [(&str, &str); 2] = [
     ("api_keys", "INFERQ_API_KEYS"),
 ];
 
+/// True for a variable in [`SECRETS`] (`INFERQ_API_KEYS` …).
+pub fn is_secret_variable(var: &str) -> bool {
+    SECRETS.iter().any(|(_, v)| *v == var)
+}
+
 /// True for a setting id in [`SECRETS`].
 pub fn is_secret(id: &str) -> bool {
     SECRETS.iter().any(|(s, _)| *s == id)

@@ -607,11 +607,17 @@ fn known_variables() -> BTreeSet<String> {
     let known: BTreeSet<String> = help
         .match_indices("[env: ")
         .filter_map(|(i, _)| {
+            // `[env: NAME=value]`, or `[env: NAME]` for a secret whose value is hidden.
             let rest = &help[i + 6..];
-            let end = rest.find('=')?;
+            let end = rest.find(['=', ']'])?;
             Some(rest[..end].to_owned())
         })
         .filter(|v| v.starts_with("INFERQ_"))
+        // A secret may come from the file its `_FILE` variable names.
+        .flat_map(|v| {
+            let file = inferq::config::is_secret_variable(&v).then(|| format!("{v}_FILE"));
+            std::iter::once(v).chain(file)
+        })
         .collect();
     assert!(
         known.len() >= 20,
