@@ -10,6 +10,10 @@ Written into the output directory (default testdata/shapes):
                    -> embedding FP32 [N, 4]: the mean of the embedding-table rows of the
                       tokens whose mask is 1 (a sentence-embedding model's pooling, in small);
                       hidden FP32 [N, L, 4]: each token's table row (follows L)
+  seq-encoder.onnx input_ids, attention_mask INT64 [N, L] -> embedding FP32 [N, 64]: a
+                   token embedding, a per-token feed-forward layer (64 -> 256 -> 64) and
+                   masked mean pooling; its work grows with the length, as a real
+                   encoder's does (for bench/shapes.py)
 
 Their answers are easy to compute by hand, so tests can check every job exactly; and a job's
 answer depends on its own shape, so a job batched with another of a different shape gets a
@@ -84,6 +88,41 @@ def seq_pool(out):
     save(graph, os.path.join(out, "seq-pool.onnx"))
 
 
+def seq_encoder(out):
+    rng = np.random.default_rng(7)
+    vocab, dim, hidden = 1000, 64, 256
+
+    def weights(name, shape):
+        w = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        return h.make_tensor(name, T.FLOAT, shape, w.reshape(-1).tolist())
+
+    ids = h.make_tensor_value_info("input_ids", T.INT64, ["N", "L"])
+    mask = h.make_tensor_value_info("attention_mask", T.INT64, ["N", "L"])
+    emb = h.make_tensor_value_info("embedding", T.FLOAT, ["N", dim])
+    inits = [
+        weights("table", [vocab, dim]), weights("w1", [dim, hidden]), weights("w2", [hidden, dim]),
+        h.make_tensor("axis1", T.INT64, [1], [1]),
+        h.make_tensor("axis2", T.INT64, [1], [2]),
+        h.make_tensor("one", T.FLOAT, [], [1.0]),
+    ]
+    nodes = [
+        h.make_node("Gather", ["table", "input_ids"], ["x"], axis=0),
+        h.make_node("MatMul", ["x", "w1"], ["h1"]),
+        h.make_node("Relu", ["h1"], ["r1"]),
+        h.make_node("MatMul", ["r1", "w2"], ["h2"]),
+        h.make_node("Add", ["h2", "x"], ["tokens"]),
+        h.make_node("Cast", ["attention_mask"], ["m"], to=T.FLOAT),
+        h.make_node("Unsqueeze", ["m", "axis2"], ["m3"]),
+        h.make_node("Mul", ["tokens", "m3"], ["masked"]),
+        h.make_node("ReduceSum", ["masked", "axis1"], ["total"], keepdims=0),
+        h.make_node("ReduceSum", ["m", "axis1"], ["count"], keepdims=1),
+        h.make_node("Max", ["count", "one"], ["count1"]),
+        h.make_node("Div", ["total", "count1"], ["embedding"]),
+    ]
+    graph = h.make_graph(nodes, "seq-encoder", [ids, mask], [emb], inits)
+    save(graph, os.path.join(out, "seq-encoder.onnx"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -94,6 +133,7 @@ def main():
     seq_sum("seq-fixed1", 1, out)
     grid_sum(out)
     seq_pool(out)
+    seq_encoder(out)
 
 
 if __name__ == "__main__":
