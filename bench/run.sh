@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the whole comparison (issue #7): set-up if needed, release build, then
-# bench/compare.py, which prints one table and appends the run to bench/RESULTS.md.
+# bench/compare.py, which prints one table and appends the run to bench/RESULTS.md, and
+# bench/shapes.py (variable-shape batching policies on a sequence encoder), likewise.
 #
 #   bash bench/run.sh              # the full run (a few minutes on 2 cores)
 #   bash bench/run.sh --quick      # a smoke run: short windows, nothing appended
@@ -21,6 +22,12 @@ done
 bash scripts/setup.sh
 cargo build --release --locked --quiet --bin inferq
 .venv/bin/python bench/compare.py "${args[@]+"${args[@]}"}"
+# Variable-shape batching (issue #11): about 20 s.
+if [[ " ${args[*]-} " == *" --quick "* ]]; then
+  .venv/bin/python bench/shapes.py --jobs 2000 --no-append
+else
+  .venv/bin/python bench/shapes.py
+fi
 if [ "$profile" = 1 ]; then
   .venv/bin/python bench/profile.py
 fi
