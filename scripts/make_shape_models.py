@@ -6,6 +6,7 @@ Written into the output directory (default testdata/shapes):
   seq-sum.onnx     x FP32 [N, L]     -> sum FP32 [N] (sum over L), double FP32 [N, L] (2x)
   seq-fixed1.onnx  x FP32 [1, L]     -> the same two outputs, batch dimension fixed to 1
   grid-sum.onnx    x FP32 [N, H, W]  -> sum FP32 [N, H] (sum over W)
+  seq-feat.onnx    x FP32 [N, L, 3]  -> sum FP32 [N, 3] (sum over L; the last axis fixed)
   seq-pool.onnx    input_ids INT64 [N, L], attention_mask INT64 [N, L]
                    -> embedding FP32 [N, 4]: the mean of the embedding-table rows of the
                       tokens whose mask is 1 (a sentence-embedding model's pooling, in small);
@@ -59,6 +60,14 @@ def grid_sum(out):
     axes = h.make_tensor("axes", T.INT64, [1], [2])
     nodes = [h.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=0)]
     save(h.make_graph(nodes, "grid-sum", [x], [s], [axes]), os.path.join(out, "grid-sum.onnx"))
+
+
+def seq_feat(out):
+    x = h.make_tensor_value_info("x", T.FLOAT, ["N", "L", 3])
+    s = h.make_tensor_value_info("sum", T.FLOAT, ["N", 3])
+    axes = h.make_tensor("axes", T.INT64, [1], [1])
+    nodes = [h.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=0)]
+    save(h.make_graph(nodes, "seq-feat", [x], [s], [axes]), os.path.join(out, "seq-feat.onnx"))
 
 
 def seq_pool(out):
@@ -132,6 +141,7 @@ def main():
     seq_sum("seq-sum", "N", out)
     seq_sum("seq-fixed1", 1, out)
     grid_sum(out)
+    seq_feat(out)
     seq_pool(out)
     seq_encoder(out)
 

@@ -153,6 +153,40 @@ fn padded_batches_of_mixed_lengths_equal_each_jobs_single_run() {
     }
 }
 
+#[test]
+fn a_failing_job_in_a_padded_batch_fails_alone() {
+    common::init_ort();
+    let bytes = std::fs::read(shape_model_path("seq-pool")).expect("read seq-pool");
+    let mut padded = ModelSession::load(&bytes, "seq-pool", 1).expect("load");
+    padded.set_padding(Some(text_padding()));
+    let mut rng = Lcg(9);
+    let mut jobs: Vec<Vec<Tensor>> = (0..9)
+        .map(|_| {
+            let len = skewed_length(&mut rng);
+            job(&mut rng, 1, len)
+        })
+        .collect();
+    // Token 99 is outside the 32-row table: ORT fails the whole padded batch.
+    if let TensorData::Int64(ids) = &mut jobs[4][0].data {
+        ids[0] = 99;
+    }
+    let refs: Vec<&[Tensor]> = jobs.iter().map(Vec::as_slice).collect();
+    let out = padded.run_jobs(&refs);
+    for (i, (inputs, o)) in jobs.iter().zip(&out).enumerate() {
+        if i == 4 {
+            let e = o.as_ref().expect_err("the bad job fails");
+            assert!(e.to_string().contains("seq-pool"), "names the model: {e}");
+            continue;
+        }
+        let what = format!("job {i} beside a failing one");
+        assert_own_answer(
+            &what,
+            inputs,
+            o.as_ref().unwrap_or_else(|e| panic!("{what}: {e}")),
+        );
+    }
+}
+
 /// `inferq models add` of a shape model as `m` with `args`; returns (success, output).
 fn add(registry: &std::path::Path, file: &str, args: &[&str]) -> (bool, String) {
     add_file(registry, &shape_model_path(file), args)
@@ -351,7 +385,7 @@ async fn http_clients_get_their_own_answers_and_mismatched_lengths_are_refused()
     let mut rng = Lcg(23);
     let mut tasks = Vec::new();
     for c in 0..16 {
-        let inputs: Vec<Vec<Tensor>> = (0..20)
+        let inputs: Vec<Vec<Tensor>> = (0..64)
             .map(|_| {
                 let len = skewed_length(&mut rng);
                 job(&mut rng, 1, len)

@@ -227,3 +227,88 @@ async fn thousands_of_random_lengths_batch_and_each_answer_is_exact() {
     );
     worker.shutdown().await;
 }
+
+#[test]
+fn chunks_over_max_rows_keep_every_answer_in_every_mix() {
+    let mut s = session("seq-sum");
+    s.set_max_rows(Some(2));
+    let mut rng = Lcg(3);
+    for round in 0..40 {
+        let jobs: Vec<Vec<Tensor>> = (0..1 + rng.below(8))
+            .map(|i| vec![x(round * 10 + i + 1, &[1 + rng.below(5), 1 + rng.below(3)])])
+            .collect();
+        let refs: Vec<&[Tensor]> = jobs.iter().map(Vec::as_slice).collect();
+        for (i, o) in s.run_jobs(&refs).iter().enumerate() {
+            let what = format!("round {round} job {i} (shape {:?})", jobs[i][0].shape);
+            assert_own_answer(
+                &what,
+                &jobs[i][0],
+                o.as_ref().unwrap_or_else(|e| panic!("{what}: {e}")),
+            );
+        }
+    }
+}
+
+/// `x` of shape `[rows, len, 3]` for seq-feat (the last axis fixed to 3).
+fn feat(seed: usize, rows: usize, len: usize) -> Tensor {
+    x(seed, &[rows, len, 3])
+}
+
+/// Through the front door on a model with a dynamic length and a fixed feature axis:
+/// concurrent clients of mixed lengths each get their own sums, and a job whose fixed
+/// axis is wrong is a 400 naming the input and the axis, with nothing enqueued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clients_of_mixed_lengths_get_their_own_answers_and_a_wrong_fixed_axis_is_400() {
+    let (redis, registry, model) = world("seq-feat");
+    let gw = common::http::Gateway::start(&redis, &registry, &[]).await;
+    let worker = common::http::start_worker(&redis, &registry, &gw.settings).await;
+    let path = format!("/v2/models/{model}/infer");
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let (client, path) = (gw.client(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Lcg(c as u64);
+            for i in 0..64 {
+                let input = feat(c * 100 + i, 1, 1 + rng.below(9));
+                let body =
+                    common::http::infer_body(std::slice::from_ref(&input), serde_json::json!({}));
+                let r = client.post(&path, body).await;
+                r.expect(200);
+                let out = common::http::response_outputs(&r.json());
+                // sum over L of a [1, L, 3] tensor: per feature k, Σ_l x[l*3 + k].
+                let v = fp32(&input);
+                let want: Vec<f32> = (0..3).map(|k| v.iter().skip(k).step_by(3).sum()).collect();
+                assert_eq!(out[0].shape, vec![1, 3], "client {c} job {i}");
+                assert_eq!(
+                    fp32(&out[0]),
+                    want.as_slice(),
+                    "client {c} job {i}: another job's numbers"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a client task");
+    }
+    let before = common::http::xlen(&redis, &model).await;
+    let bad = x(1, &[1, 4, 2]);
+    let msg = gw
+        .client()
+        .post(
+            &path,
+            common::http::infer_body(&[bad], serde_json::json!({})),
+        )
+        .await
+        .expect_error(400, "invalid");
+    assert!(
+        msg.contains("input `x`: dimension 2 is 2, expected 3"),
+        "{msg}"
+    );
+    assert_eq!(
+        common::http::xlen(&redis, &model).await,
+        before,
+        "nothing enqueued"
+    );
+    worker.shutdown().await;
+    gw.stop();
+}
