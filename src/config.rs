@@ -9,6 +9,11 @@ use std::time::Duration;
 
 use clap::Args;
 
+/// The most rows a batch may have, whatever a setting or a manifest says: one
+/// batch's results go to Redis in one script call, whose arguments must stay far
+/// below Lua's limits.
+pub const MAX_BATCH_ROWS: usize = 2048;
+
 /// Every setting. Doc comments become `--help`; each has an `INFERQ_` variable.
 #[derive(Args, Clone)]
 pub struct Settings {
@@ -160,6 +165,26 @@ pub struct Settings {
     )]
     pub max_elements: usize,
 
+    /// Most fields a stream entry may have; an entry with more is answered (or
+    /// dead-lettered, truncated) without being parsed.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_ENTRY_FIELDS",
+        default_value_t = 32,
+        global = true
+    )]
+    pub max_entry_fields: usize,
+
+    /// Most bytes a stream entry may hold (all fields and values); a larger one is
+    /// answered `too_large` without being decoded.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_ENTRY_BYTES",
+        default_value_t = 64 << 20,
+        global = true
+    )]
+    pub max_entry_bytes: usize,
+
     /// Cap on a long-poll's `?wait=` in seconds.
     #[arg(
         long,
@@ -240,6 +265,8 @@ pub struct QueueConfig {
     pub max_queue: u64,
     /// Per-job element cap.
     pub max_elements: usize,
+    /// Bounds of one stream entry, checked before anything is copied or decoded.
+    pub entry_limits: crate::protocol::job::EntryLimits,
     /// Dead-letter retention.
     pub dlq_retention_s: u64,
 }
@@ -267,10 +294,10 @@ impl Settings {
         if self.async_threads == Some(0) {
             return Err("INFERQ_ASYNC_THREADS must be at least 1".into());
         }
-        if self.max_batch > 2048 {
-            return Err(
-                "INFERQ_MAX_BATCH must be at most 2048 rows (one result script per batch)".into(),
-            );
+        if self.max_batch > MAX_BATCH_ROWS {
+            return Err(format!(
+                "INFERQ_MAX_BATCH must be at most {MAX_BATCH_ROWS} rows (one result script per batch)"
+            ));
         }
         positive(self.infer_threads as u64, "INFERQ_INFER_THREADS")?;
         positive(self.intra_threads as u64, "INFERQ_INTRA_THREADS")?;
@@ -280,6 +307,12 @@ impl Settings {
         positive(self.max_queue, "INFERQ_MAX_QUEUE")?;
         positive(self.max_body_bytes as u64, "INFERQ_MAX_BODY_BYTES")?;
         positive(self.max_elements as u64, "INFERQ_MAX_ELEMENTS")?;
+        if !(16..=1000).contains(&self.max_entry_fields) {
+            // The protocol's own fields must fit, and a dead letter's copy must stay
+            // far below Lua's unpack limit (about 8,000 values).
+            return Err("INFERQ_MAX_ENTRY_FIELDS must be 16 to 1000".into());
+        }
+        positive(self.max_entry_bytes as u64, "INFERQ_MAX_ENTRY_BYTES")?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(
                 "INFERQ_LOG_FORMAT must be `text` or `json`, not `{}`",
@@ -337,6 +370,10 @@ impl Settings {
             max_attempts: self.max_attempts,
             max_queue: self.max_queue,
             max_elements: self.max_elements,
+            entry_limits: crate::protocol::job::EntryLimits {
+                max_fields: self.max_entry_fields,
+                max_bytes: self.max_entry_bytes,
+            },
             dlq_retention_s: self.dlq_retention_s,
         }
     }
@@ -416,6 +453,8 @@ impl fmt::Debug for Settings {
             )
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_elements", &self.max_elements)
+            .field("max_entry_fields", &self.max_entry_fields)
+            .field("max_entry_bytes", &self.max_entry_bytes)
             .field("max_poll_wait_s", &self.max_poll_wait_s)
             .field("cors_origin", &self.cors_origin)
             .field("dlq_retention_s", &self.dlq_retention_s)

@@ -182,8 +182,13 @@ pub(super) fn run(settings: &Settings, command: ModelsCommand) -> anyhow::Result
                 inputs: pad,
                 outputs: pad_output,
             });
-            if batch_max_rows == Some(0) {
-                bail!("--batch-max-rows must be at least 1");
+            if let Some(n) = batch_max_rows
+                && !(1..=crate::config::MAX_BATCH_ROWS).contains(&n)
+            {
+                bail!(
+                    "--batch-max-rows must be 1 to {}, not {n}",
+                    crate::config::MAX_BATCH_ROWS
+                );
             }
             let new = NewVersion {
                 version,

@@ -53,6 +53,9 @@ pub mod field {
     pub const LAST_ERROR: &str = "last_error";
     /// Record: sha256 of the submitted body, for idempotent resubmits.
     pub const BODY_SHA: &str = "body_sha";
+    /// Record hash: the stream entry id the gateway's submit created (a cancel removes
+    /// that entry, so the job can never be computed later).
+    pub const ENTRY: &str = "entry";
 }
 
 /// The protocol version this build writes and reads.
@@ -99,6 +102,83 @@ pub struct JobEntry {
     pub record: bool,
 }
 
+/// Bounds of one stream entry, checked before any field is copied or decoded, so no
+/// producer's entry can make the worker copy, parse or script unbounded data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryLimits {
+    /// Field/value pairs.
+    pub max_fields: usize,
+    /// Bytes of all names and values together.
+    pub max_bytes: usize,
+}
+
+/// Longest field name, and longest value of a field other than `body` and `bin`.
+const MAX_NAME_BYTES: usize = 64;
+const MAX_SMALL_VALUE_BYTES: usize = 4096;
+
+impl EntryLimits {
+    /// Why `fields` are over a bound, naming it; `None` when they are within them.
+    pub fn check(&self, fields: &[(Vec<u8>, Vec<u8>)]) -> Option<String> {
+        if fields.len() > self.max_fields {
+            return Some(format!(
+                "entry has {} fields, over the bound of {} (INFERQ_MAX_ENTRY_FIELDS)",
+                fields.len(),
+                self.max_fields
+            ));
+        }
+        let bytes: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > self.max_bytes {
+            return Some(format!(
+                "entry holds {bytes} bytes, over the bound of {} (INFERQ_MAX_ENTRY_BYTES)",
+                self.max_bytes
+            ));
+        }
+        for (k, v) in fields {
+            if k.len() > MAX_NAME_BYTES {
+                return Some(format!(
+                    "entry has a field name of {} bytes, over the bound of {MAX_NAME_BYTES}",
+                    k.len()
+                ));
+            }
+            let payload = k == b"body" || k == b"bin";
+            if !payload && v.len() > MAX_SMALL_VALUE_BYTES {
+                return Some(format!(
+                    "entry field `{}` holds {} bytes, over the bound of {MAX_SMALL_VALUE_BYTES}",
+                    String::from_utf8_lossy(k),
+                    v.len()
+                ));
+            }
+        }
+        None
+    }
+
+    /// What a dead letter keeps of an entry over its bounds: the first `max_fields`
+    /// fields, names and values cut to the small-value bound.
+    pub fn truncated(&self, fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        fields
+            .iter()
+            .take(self.max_fields)
+            .map(|(k, v)| {
+                (
+                    k[..k.len().min(MAX_NAME_BYTES)].to_vec(),
+                    v[..v.len().min(MAX_SMALL_VALUE_BYTES)].to_vec(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The first valid job id among an entry's fields (for answering an entry that cannot
+/// be parsed).
+pub fn first_id(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<String> {
+    fields
+        .iter()
+        .find(|(k, _)| k == b"id")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .filter(|id| valid_id(id))
+        .map(str::to_owned)
+}
+
 /// An entry that cannot be a job; `id` is set when the entry at least named a valid one,
 /// so the failure can be written to that job's record.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -109,6 +189,19 @@ pub struct EntryError {
     /// What is wrong.
     pub error: DecodeError,
 }
+
+/// The fields the protocol reads; each may appear once.
+const KNOWN_FIELDS: [&[u8]; 9] = [
+    b"id",
+    b"v",
+    b"body",
+    b"bin",
+    b"version",
+    b"deadline_ms",
+    b"reply_to",
+    b"traceparent",
+    b"record",
+];
 
 impl JobEntry {
     /// Parses stream entry fields; unknown fields are ignored (forward compatible).
@@ -124,8 +217,21 @@ impl JobEntry {
         let mut traceparent = None;
         let mut record = false;
         let mut problem: Option<String> = None;
+        let mut seen: Vec<&[u8]> = Vec::new();
         for (k, val) in fields {
             let text = || std::str::from_utf8(val).ok().map(str::to_owned);
+            if KNOWN_FIELDS.contains(&k) {
+                if seen.contains(&k) {
+                    // Readers would disagree on which one counts (the inflight index
+                    // takes the first id): refuse rather than guess.
+                    problem = problem.or(Some(format!(
+                        "field `{}` appears twice",
+                        String::from_utf8_lossy(k)
+                    )));
+                    continue;
+                }
+                seen.push(k);
+            }
             match k {
                 b"id" => id = text(),
                 b"v" => v = text(),

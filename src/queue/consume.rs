@@ -1,8 +1,6 @@
 //! The worker's side of the stream: the group, reads (own pending first, then new),
 //! running marks, and terminal writes.
 
-use std::collections::HashMap;
-
 use redis::Value;
 
 use super::script::scripts;
@@ -143,41 +141,46 @@ pub async fn read_own_pending(
     Ok(out)
 }
 
-/// Sets each delivery's count from `XPENDING` over the range the deliveries span.
+/// Sets each delivery's count from `XPENDING`, one exact query per entry (pipelined).
+/// A range query with `COUNT n` would be filled by this consumer's other pending
+/// entries inside the range, and the counts left out would read as a first delivery,
+/// which bypasses `max_attempts` (AUDIT D8). Used on reclaims and restarts, not on the
+/// hot path.
 pub(crate) async fn fill_deliveries(
     conn: &mut Conn,
     keys: &Keys,
     consumer: Option<&str>,
     out: &mut [Delivery],
 ) -> Result<(), QueueError> {
-    let (Some(first), Some(last)) = (out.first(), out.last()) else {
+    if out.is_empty() {
         return Ok(());
-    };
-    let mut cmd = redis::cmd("XPENDING");
-    cmd.arg(keys.jobs())
-        .arg(GROUP)
-        .arg(&first.entry_id)
-        .arg(&last.entry_id)
-        .arg(out.len());
-    if let Some(c) = consumer {
-        cmd.arg(c);
     }
-    let reply: Value = cmd
+    let mut pipe = redis::pipe();
+    for d in out.iter() {
+        let cmd = pipe
+            .cmd("XPENDING")
+            .arg(keys.jobs())
+            .arg(GROUP)
+            .arg(&d.entry_id)
+            .arg(&d.entry_id)
+            .arg(1);
+        if let Some(c) = consumer {
+            cmd.arg(c);
+        }
+    }
+    let replies: Vec<Value> = pipe
         .query_async(conn)
         .await
         .map_err(QueueError::redis("read delivery counts"))?;
-    let Value::Array(rows) = reply else {
-        return Err(QueueError::Protocol("read delivery counts"));
-    };
-    let counts: HashMap<String, u32> = rows
-        .iter()
-        .filter_map(|r| match r {
-            Value::Array(f) if f.len() >= 4 => Some((text(&f[0])?, int(&f[3])? as u32)),
+    for (d, reply) in out.iter_mut().zip(replies) {
+        let count = match reply {
+            Value::Array(rows) => rows.first().and_then(|r| match r {
+                Value::Array(f) if f.len() >= 4 => int(&f[3]),
+                _ => None,
+            }),
             _ => None,
-        })
-        .collect();
-    for d in out {
-        d.deliveries = counts.get(&d.entry_id).copied().unwrap_or(1).max(1);
+        };
+        d.deliveries = count.map_or(1, |c| c.clamp(1, i64::from(u32::MAX)) as u32);
     }
     Ok(())
 }
@@ -447,6 +450,25 @@ async fn finish_polled(
         return Err(QueueError::Protocol("write results"));
     }
     Ok(set.iter().map(|v| matches!(v, Value::Okay)).collect())
+}
+
+/// Acknowledges one entry and forgets its inflight index, writing nothing else: the
+/// last resort for a job none of whose results can be written.
+pub async fn acknowledge(conn: &mut Conn, keys: &Keys, entry_id: &str) -> Result<(), QueueError> {
+    redis::pipe()
+        .atomic()
+        .cmd("HDEL")
+        .arg(keys.inflight())
+        .arg(entry_id)
+        .ignore()
+        .cmd("XACK")
+        .arg(keys.jobs())
+        .arg(GROUP)
+        .arg(entry_id)
+        .ignore()
+        .query_async::<()>(conn)
+        .await
+        .map_err(QueueError::redis("acknowledge an entry"))
 }
 
 /// Notes a retryable failure on the record, so a later dead-letter can say why.

@@ -102,12 +102,22 @@ pub fn entry_order(id: &str) -> (u64, u64) {
 
 /// Removes acknowledged entries, never past the oldest pending or undelivered one.
 pub async fn trim(conn: &mut Conn, keys: &Keys) -> Result<u64, QueueError> {
+    let limit = TRIM_LIMIT.to_string();
     let v = scripts()
         .trim
-        .run(conn, &[keys.jobs()], &[GROUP.as_bytes()], "trim the stream")
+        .run(
+            conn,
+            &[keys.jobs()],
+            &[GROUP.as_bytes(), limit.as_bytes()],
+            "trim the stream",
+        )
         .await?;
     Ok(int(&v).unwrap_or(0).max(0) as u64)
 }
+
+/// Most entries one trim removes: a second's worth of a very fast producer, in one
+/// short call (freeing whole stream nodes).
+const TRIM_LIMIT: u64 = 1_000_000;
 
 /// Deletes consumers idle longer than `idle` that hold no pending entries (pods come
 /// and go); a consumer with pending entries is never deleted, or they would become

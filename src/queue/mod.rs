@@ -56,6 +56,32 @@ impl QueueError {
         }
     }
 
+    /// Whether the same command may succeed later. Only errors known to fail the same
+    /// way every time are terminal: a key of the wrong type and a script's own error
+    /// (a Lua limit such as `unpack`'s); retrying those would wedge the caller for
+    /// ever. Everything else (connection trouble, timeouts, OOM — also inside an
+    /// aborted transaction —, a loading or failing-over server, a busy script, and any
+    /// error not recognised) is retried, as before.
+    pub fn retry(&self) -> crate::error::Retry {
+        use crate::error::Retry;
+        match self {
+            QueueError::OutOfMemory(_) => Retry::Retryable,
+            QueueError::Redis { source, .. } => {
+                let text = source.to_string();
+                let script_error = source.code() == Some("ERR")
+                    && (text.contains("user_script") || text.contains("Error running script"));
+                if text.contains("OOM") || source.is_io_error() || source.is_timeout() {
+                    Retry::Retryable
+                } else if source.code() == Some("WRONGTYPE") || script_error {
+                    Retry::Terminal
+                } else {
+                    Retry::Retryable
+                }
+            }
+            QueueError::Config(_) | QueueError::Protocol(_) => Retry::Retryable,
+        }
+    }
+
     /// True when the stream or its group vanished (Redis restarted without persistence).
     pub fn is_nogroup(&self) -> bool {
         matches!(self, QueueError::Redis { source, .. } if source.code() == Some("NOGROUP"))

@@ -68,7 +68,11 @@ impl ModelCache {
             .map_err(|e| classify(&e))?;
         let batching = manifest.batching.clone().unwrap_or_default();
         let batch = BatchConfig {
-            max_batch: batching.max_batch.unwrap_or(self.defaults.max_batch),
+            // A hand-edited manifest cannot lift the bound `models add` enforces.
+            max_batch: batching
+                .max_batch
+                .unwrap_or(self.defaults.max_batch)
+                .clamp(1, crate::config::MAX_BATCH_ROWS),
             max_elements: batching
                 .max_batch_elements
                 .unwrap_or(self.defaults.max_elements),

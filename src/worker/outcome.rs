@@ -98,6 +98,34 @@ pub(crate) fn terminal(job: &JobInfo, end: End) -> Terminal {
     }
 }
 
+/// The record of a job whose own terminal write failed for good (`error_kind`
+/// `unwritable`): its first record's facts, no outputs, the error that stopped it.
+pub(crate) fn unwritable(t: &Terminal, why: &str) -> String {
+    let mut record: JobRecord = serde_json::from_str(&t.record).unwrap_or_else(|_| JobRecord {
+        id: t.job_id.clone().unwrap_or_default(),
+        status: Status::Failed,
+        model: String::new(),
+        version: t.version,
+        enqueued_ms: None,
+        started_ms: None,
+        finished_ms: Some(crate::now_ms()),
+        attempts: 0,
+        outputs: None,
+        error: None,
+        error_kind: None,
+        dead_lettered: false,
+    });
+    record.status = Status::Failed;
+    record.outputs = None;
+    record.dead_lettered = false;
+    error(
+        &mut record,
+        "unwritable",
+        format!("the job's result could not be written to Redis: {why}"),
+    );
+    serde_json::to_string(&record).expect("a record always serializes, this is a bug")
+}
+
 fn error(record: &mut JobRecord, kind: &str, message: String) {
     record.error = Some(message);
     record.error_kind = Some(kind.to_owned());

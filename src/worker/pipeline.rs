@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::models::{ModelCache, Version};
-use super::outcome::{End, JobInfo, terminal};
+use super::outcome::{self, End, JobInfo, terminal};
 use crate::batcher::{Batchable, Limits, take_batch, waiting_rows};
 use crate::config::{BatchConfig, WorkerConfig};
 use crate::error::Retry;
@@ -412,6 +412,20 @@ impl Pipeline {
         let Some(fields) = d.fields else {
             return self.lost(info).await;
         };
+        let limits = &self.cfg.queue.entry_limits;
+        if let Some(why) = limits.check(&fields) {
+            // Answered before anything is parsed or copied: an entry with thousands of
+            // fields or a huge value once wedged the result script (AUDIT D1).
+            info.job_id = crate::protocol::job::first_id(&fields);
+            info.has_hash = true;
+            tracing::warn!(model = self.keys.model(), entry = %info.entry_id, job = info.job_id.as_deref().unwrap_or_default(), why, "entry over its bounds");
+            let end = if info.job_id.is_some() {
+                End::Failed("too_large", why)
+            } else {
+                End::DeadLetter(why, limits.truncated(&fields))
+            };
+            return Some(terminal(&info, end));
+        }
         let entry =
             match JobEntry::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
                 Ok(e) => e,
@@ -435,7 +449,8 @@ impl Pipeline {
             span.record("traceparent", tp.as_str());
         }
         info.job_id = Some(entry.id.clone());
-        info.version = entry.version;
+        // The version stays unset until it resolves: a producer's made-up versions
+        // must not become metric labels (AUDIT D7).
         info.has_hash = entry.record || d.deliveries > 1;
         match entry.reply_to.as_deref() {
             Some(r) if !self.keys.is_reply_key(r) => {
@@ -811,25 +826,18 @@ async fn write_results(
     terminals: Vec<Terminal>,
     held: Held,
 ) {
-    let mut backoff = Backoff::new(Duration::from_secs(2));
-    let never = CancellationToken::new();
-    let written = loop {
-        let min_id = dlq::retention_min_id(cfg.queue.dlq_retention_s);
-        match consume::finish(
-            &mut writer,
-            &keys,
-            cfg.queue.result_ttl_s,
-            &min_id,
-            &terminals,
-        )
-        .await
-        {
-            Ok(flags) => break flags,
-            Err(e) => {
-                metrics().redis_errors.with_label_values(&["finish"]).inc();
-                tracing::warn!(model = keys.model(), jobs = terminals.len(), error = %e, "cannot write results yet; retrying");
-                backoff.wait(&never).await;
+    let written = match finish_retrying(&mut writer, &keys, &cfg, &terminals).await {
+        Ok(flags) => flags,
+        // A write that cannot succeed (a script error, a Lua limit, a producer's key
+        // of the wrong type) is never retried for ever: each job alone, then what
+        // can still be written (see `finish_alone`).
+        Err(e) => {
+            tracing::error!(model = keys.model(), jobs = terminals.len(), error = %e, "results cannot be written as a batch; writing each job alone");
+            let mut flags = Vec::with_capacity(terminals.len());
+            for t in &terminals {
+                flags.push(finish_alone(&mut writer, &keys, &cfg, t).await);
             }
+            flags
         }
     };
     for t in &terminals {
@@ -876,6 +884,65 @@ async fn write_results(
             .with_label_values(&[keys.model()])
             .inc_by(duplicates);
     }
+}
+
+/// [`consume::finish`], retried with backoff while the error is retryable (Redis
+/// unreachable, out of memory, failing over): the batch in hand is never dropped.
+/// Returns the first error that no retry can cure.
+async fn finish_retrying(
+    writer: &mut Conn,
+    keys: &Keys,
+    cfg: &WorkerConfig,
+    terminals: &[Terminal],
+) -> Result<Vec<bool>, QueueError> {
+    let mut backoff = Backoff::new(Duration::from_secs(2));
+    let never = CancellationToken::new();
+    loop {
+        let min_id = dlq::retention_min_id(cfg.queue.dlq_retention_s);
+        match consume::finish(writer, keys, cfg.queue.result_ttl_s, &min_id, terminals).await {
+            Ok(flags) => return Ok(flags),
+            Err(e) => {
+                metrics().redis_errors.with_label_values(&["finish"]).inc();
+                if e.retry() == Retry::Terminal {
+                    return Err(e);
+                }
+                tracing::warn!(model = keys.model(), jobs = terminals.len(), error = %e, "cannot write results yet; retrying");
+                backoff.wait(&never).await;
+            }
+        }
+    }
+}
+
+/// One job whose batch write failed for good: its own write; failing that, a plain
+/// `failed` record naming the error, with no reply push and no dead letter (what a
+/// producer's key of the wrong type or an oversized dead letter breaks); failing that,
+/// only the acknowledgement, so the entry never pins the stream. Whether it turned
+/// the job terminal.
+async fn finish_alone(writer: &mut Conn, keys: &Keys, cfg: &WorkerConfig, t: &Terminal) -> bool {
+    let e = match finish_retrying(writer, keys, cfg, std::slice::from_ref(t)).await {
+        Ok(flags) => return flags.first().copied().unwrap_or(false),
+        Err(e) => e,
+    };
+    let id = t.job_id.as_deref().unwrap_or_default();
+    tracing::error!(model = keys.model(), job = id, error = %e, "the job's result cannot be written; writing a failure without its reply list or dead letter");
+    let plain = Terminal {
+        record: outcome::unwritable(t, &e.to_string()),
+        status: crate::protocol::job::Status::Failed,
+        reply_to: None,
+        dead_letter: Vec::new(),
+        ..t.clone()
+    };
+    if let Ok(flags) = finish_retrying(writer, keys, cfg, std::slice::from_ref(&plain)).await {
+        return flags.first().copied().unwrap_or(false);
+    }
+    let mut backoff = Backoff::new(Duration::from_secs(2));
+    while let Err(e) = consume::acknowledge(writer, keys, &t.entry_id).await {
+        tracing::error!(model = keys.model(), job = id, entry = %t.entry_id, error = %e, "cannot even acknowledge the entry");
+        if e.retry() == Retry::Terminal || !backoff.wait(&CancellationToken::new()).await {
+            break;
+        }
+    }
+    false
 }
 
 /// Refreshes the idle time of every held entry each third of `claim_after`, on its

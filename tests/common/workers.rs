@@ -32,6 +32,10 @@ pub fn worker_config(model: &str, consumer: &str) -> WorkerConfig {
             max_attempts: 3,
             max_queue: 100_000,
             max_elements: 4_000_000,
+            entry_limits: inferq::protocol::job::EntryLimits {
+                max_fields: 32,
+                max_bytes: 64 << 20,
+            },
             dlq_retention_s: 7 * 24 * 3600,
         },
         drain_timeout: Duration::from_secs(10),

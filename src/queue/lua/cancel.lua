@@ -5,7 +5,10 @@
 -- KEYS[1]  inferq:{m}:job:<id>     the record hash
 -- KEYS[2]  inferq:{m}:result:<id>  the terminal record
 -- KEYS[3]  its reply list (or the hash again when it has none)
+-- KEYS[4]  inferq:{m}:jobs        the stream
+-- KEYS[5]  inferq:{m}:inflight    entry id -> job id index
 -- ARGV[1] finished_ms   ARGV[2] result TTL (s)   ARGV[3] done channel   ARGV[4] job id
+-- ARGV[5] group
 -- Returns {0} unknown job | {1, record JSON} cancelled now | {2, status} already terminal
 local rec, result = KEYS[1], KEYS[2]
 local done = redis.call('GET', result)
@@ -40,6 +43,14 @@ redis.call('EXPIRE', rec, ttl, 'NX')
 if KEYS[3] ~= rec then
   redis.call('RPUSH', KEYS[3], json)
   redis.call('EXPIRE', KEYS[3], ttl)
+end
+-- The entry goes too (acknowledged, deleted, unindexed): once the cancelled record
+-- expires, nothing is left that a worker could compute, or answer as lost.
+local eid = redis.call('HGET', rec, 'entry')
+if eid then
+  redis.call('XACK', KEYS[4], ARGV[5], eid)
+  redis.call('XDEL', KEYS[4], eid)
+  redis.call('HDEL', KEYS[5], eid)
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {1, json}

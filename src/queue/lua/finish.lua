@@ -51,8 +51,10 @@ end
 if #won > 0 then
   redis.call('PUBLISH', channel, table.concat(won, ' '))
 end
-if #entries > 0 then
-  redis.call('HDEL', inflight, unpack(entries))
-  redis.call('XACK', stream, group, unpack(entries))
+-- In chunks: Lua's unpack fails beyond about 8,000 values.
+for i = 1, #entries, 1000 do
+  local j = math.min(i + 999, #entries)
+  redis.call('HDEL', inflight, unpack(entries, i, j))
+  redis.call('XACK', stream, group, unpack(entries, i, j))
 end
 return written
