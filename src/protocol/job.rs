@@ -53,9 +53,6 @@ pub mod field {
     pub const LAST_ERROR: &str = "last_error";
     /// Record: sha256 of the submitted body, for idempotent resubmits.
     pub const BODY_SHA: &str = "body_sha";
-    /// Record hash: the stream entry id the gateway's submit created (a cancel removes
-    /// that entry, so the job can never be computed later).
-    pub const ENTRY: &str = "entry";
 }
 
 /// The protocol version this build writes and reads.

@@ -1,6 +1,12 @@
 //! Redis connections: one type for a single node or a cluster, reconnecting on its
 //! own, with response timeouts long enough for blocking reads.
+//!
+//! A connection that stops answering without being closed (a failover, a NAT or
+//! load balancer dropping the flow without a reset) is replaced: redis-rs's
+//! connection manager reconnects after an I/O error, not after a response timeout,
+//! so [`Healing`] builds a fresh manager when a command times out (AUDIT D4).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -14,7 +20,7 @@ use super::QueueError;
 #[derive(Clone)]
 pub enum Conn {
     /// One Redis node.
-    Single(ConnectionManager),
+    Single(Healing),
     /// Redis Cluster; commands route by their first key's slot.
     Cluster(ClusterConnection),
 }
@@ -27,6 +33,28 @@ impl std::fmt::Debug for Conn {
         })
     }
 }
+
+/// TCP keepalive and user timeout for every Redis socket: an idle connection whose
+/// peer vanished is found by keepalive probes (about 20 s), and one with data in
+/// flight and no acknowledgement gives up after the user timeout, so the kernel ends
+/// dead connections that no reset announced.
+pub fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive())
+        .set_user_timeout(USER_TIMEOUT)
+}
+
+/// See [`tcp_settings`]; also applied to the worker's own read socket.
+pub fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(2)
+}
+
+/// How long unacknowledged data may wait before the kernel drops the connection.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How to reach Redis; parsed once from `INFERQ_REDIS_URL`.
 #[derive(Debug, Clone)]
@@ -62,6 +90,7 @@ impl RedisTarget {
     pub async fn connect(&self, response_timeout: Duration) -> Result<Conn, QueueError> {
         if self.is_cluster() {
             let client = ClusterClient::builder(self.urls.clone())
+                .tcp_settings(tcp_settings())
                 .response_timeout(response_timeout)
                 .connection_timeout(Duration::from_secs(2))
                 .build()
@@ -72,28 +101,141 @@ impl RedisTarget {
                 .map_err(QueueError::redis("connect to the cluster"))?;
             return Ok(Conn::Cluster(conn));
         }
-        let client = redis::Client::open(self.urls[0].as_str())
-            .map_err(QueueError::redis("parse INFERQ_REDIS_URL"))?;
+        let client = Self::client(&self.urls[0])?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_max_delay(Duration::from_secs(2))
             .set_number_of_retries(2);
         let conn = client
-            .get_connection_manager_with_config(config)
+            .get_connection_manager_with_config(config.clone())
             .await
             .map_err(QueueError::redis("connect to Redis"))?;
-        Ok(Conn::Single(conn))
+        Ok(Conn::Single(Healing {
+            inner: Arc::new(HealingInner {
+                client,
+                config,
+                current: Mutex::new((0, conn)),
+            }),
+        }))
+    }
+
+    /// A client for one node, its sockets with [`tcp_settings`].
+    fn client(url: &str) -> Result<redis::Client, QueueError> {
+        use redis::IntoConnectionInfo;
+        let info = url
+            .into_connection_info()
+            .map_err(QueueError::redis("parse INFERQ_REDIS_URL"))?
+            .set_tcp_settings(tcp_settings());
+        redis::Client::open(info).map_err(QueueError::redis("parse INFERQ_REDIS_URL"))
     }
 
     /// A pub/sub connection (to the first node).
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, QueueError> {
-        let client = redis::Client::open(self.first_url())
-            .map_err(QueueError::redis("parse INFERQ_REDIS_URL"))?;
+        let client = Self::client(self.first_url())?;
         client
             .get_async_pubsub()
             .await
             .map_err(QueueError::redis("subscribe"))
+    }
+}
+
+/// A connection manager that is replaced when a command times out: the silent
+/// socket is dropped with it (in-flight commands on it fail with their own
+/// timeouts), and the next command goes to a fresh connection.
+#[derive(Clone)]
+pub struct Healing {
+    inner: Arc<HealingInner>,
+}
+
+impl std::fmt::Debug for Healing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Healing(generation {})", self.current().0)
+    }
+}
+
+struct HealingInner {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The generation (bumped per replacement) and the manager in use.
+    current: Mutex<(u64, ConnectionManager)>,
+}
+
+impl Healing {
+    fn current(&self) -> (u64, ConnectionManager) {
+        self.inner
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces generation `seen` with a fresh connection, unless another command
+    /// already did; a failed connect leaves it for the next timeout to retry.
+    async fn replace(&self, seen: u64) {
+        if self.current().0 != seen {
+            return;
+        }
+        match self
+            .inner
+            .client
+            .get_connection_manager_with_config(self.inner.config.clone())
+            .await
+        {
+            Ok(fresh) => {
+                let mut cur = self
+                    .inner
+                    .current
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cur.0 == seen {
+                    *cur = (seen + 1, fresh);
+                    tracing::warn!(
+                        generation = seen + 1,
+                        "a Redis command timed out; replaced its connection"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a Redis command timed out and no new connection could be made yet");
+            }
+        }
+    }
+
+    /// Runs `f` on the current manager; a timeout replaces it.
+    fn run<'a, T: Send + 'a>(
+        &'a self,
+        f: impl FnOnce(ConnectionManager) -> RedisFuture<'a, T> + Send + 'a,
+    ) -> RedisFuture<'a, T> {
+        Box::pin(async move {
+            let (generation, manager) = self.current();
+            let result = f(manager).await;
+            if result.as_ref().is_err_and(redis::RedisError::is_timeout) {
+                self.replace(generation).await;
+            }
+            result
+        })
+    }
+}
+
+impl ConnectionLike for Healing {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.run(move |mut m| Box::pin(async move { m.req_packed_command(cmd).await }))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.run(move |mut m| {
+            Box::pin(async move { m.req_packed_commands(pipeline, offset, count).await })
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().1.get_db()
     }
 }
 

@@ -452,6 +452,39 @@ async fn finish_polled(
     Ok(set.iter().map(|v| matches!(v, Value::Okay)).collect())
 }
 
+/// Gives the records of jobs that were already terminal when their entry was finished
+/// (a cancel, or an earlier delivery) the result TTL, if they would outlive it: a
+/// cancelled record is kept until its entry is taken (cancel.lua), then expires as any
+/// other. `EXPIRE … LT` never lengthens a TTL. Only duplicates pay for it.
+pub async fn settle_expiry(
+    conn: &mut Conn,
+    keys: &Keys,
+    ttl_s: u64,
+    jobs: &[(&str, bool)],
+) -> Result<(), QueueError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for &(id, has_hash) in jobs {
+        pipe.cmd("EXPIRE")
+            .arg(keys.result(id))
+            .arg(ttl_s)
+            .arg("LT")
+            .ignore();
+        if has_hash {
+            pipe.cmd("EXPIRE")
+                .arg(keys.job(id))
+                .arg(ttl_s)
+                .arg("LT")
+                .ignore();
+        }
+    }
+    pipe.query_async::<()>(conn)
+        .await
+        .map_err(QueueError::redis("expire terminal records"))
+}
+
 /// Acknowledges one entry and forgets its inflight index, writing nothing else: the
 /// last resort for a job none of whose results can be written.
 pub async fn acknowledge(conn: &mut Conn, keys: &Keys, entry_id: &str) -> Result<(), QueueError> {

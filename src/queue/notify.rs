@@ -57,6 +57,10 @@ impl Drop for Waiter {
     }
 }
 
+/// How often the subscription is asked for a `PING`, and how long it may take.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Notifier {
     /// Registers interest in a job. Register *before* checking the record, so a
     /// completion between the check and the wait is never missed.
@@ -91,7 +95,10 @@ impl Notifier {
         }
     }
 
-    /// Subscribes and dispatches until `stop`; reconnects with capped backoff.
+    /// Subscribes and dispatches until `stop`; reconnects with capped backoff, also when
+    /// the subscription stops answering a periodic `PING`. Every (re)subscription bumps
+    /// the epoch, so waiters re-read their records: nothing published while the
+    /// subscription was down is missed.
     pub async fn run(self, target: RedisTarget, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
         while !stop.is_cancelled() {
@@ -102,10 +109,21 @@ impl Notifier {
                     } else {
                         backoff = Duration::from_millis(50);
                         self.epoch.send_modify(|e| *e += 1);
-                        let mut messages = pubsub.on_message();
+                        let (mut sink, mut messages) = pubsub.split();
+                        let mut check = tokio::time::interval(HEALTH_EVERY);
+                        check.tick().await;
                         loop {
                             tokio::select! {
                                 () = stop.cancelled() => return,
+                                _ = check.tick() => {
+                                    // A subscription sees nothing on a silent (blackholed)
+                                    // connection, exactly as when nothing completes: ask.
+                                    let pong = tokio::time::timeout(HEALTH_TIMEOUT, sink.ping::<redis::Value>()).await;
+                                    if !matches!(pong, Ok(Ok(_))) {
+                                        tracing::warn!("completion subscription does not answer PING; reconnecting");
+                                        break;
+                                    }
+                                }
                                 m = messages.next() => match m {
                                     Some(msg) => {
                                         let channel = msg.get_channel_name().to_owned();

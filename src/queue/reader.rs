@@ -138,6 +138,9 @@ impl StreamReader {
                 ConnectionAddr::Tcp(host, port) => {
                     let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                     s.set_nodelay(true)?;
+                    let sock = socket2::SockRef::from(&s);
+                    sock.set_tcp_keepalive(&super::conn::keepalive())?;
+                    sock.set_tcp_user_timeout(Some(super::conn::USER_TIMEOUT))?;
                     Box::new(s)
                 }
                 _ => return Err(std::io::ErrorKind::Unsupported.into()),

@@ -150,21 +150,15 @@ pub async fn cancel(
         .unwrap_or_else(|| record.clone());
     let now = crate::now_ms().to_string();
     let ttl = ttl_s.to_string();
-    let args: [&[u8]; 5] = [
+    let args: [&[u8]; 4] = [
         now.as_bytes(),
         ttl.as_bytes(),
         keys.done().as_bytes(),
         id.as_bytes(),
-        super::GROUP.as_bytes(),
     ];
     let v = scripts()
         .cancel
-        .run(
-            conn,
-            &[&record, &result, &reply, keys.jobs(), keys.inflight()],
-            &args,
-            "cancel a job",
-        )
+        .run(conn, &[&record, &result, &reply], &args, "cancel a job")
         .await?;
     let Value::Array(parts) = v else {
         return Err(QueueError::Protocol("cancel a job"));

@@ -843,6 +843,18 @@ async fn write_results(
     for t in &terminals {
         held.remove(&t.entry_id);
     }
+    let already: Vec<(&str, bool)> = terminals
+        .iter()
+        .zip(&written)
+        .filter(|(_, first)| !**first)
+        .filter_map(|(t, _)| Some((t.job_id.as_deref()?, t.has_hash)))
+        .collect();
+    if let Err(e) =
+        consume::settle_expiry(&mut writer, &keys, cfg.queue.result_ttl_s, &already).await
+    {
+        // The records then keep their own (at most cancel's hold) TTL.
+        tracing::warn!(model = keys.model(), error = %e, "cannot shorten the TTL of records already terminal");
+    }
     let m = metrics();
     let now = crate::now_ms();
     let end_to_end = m.end_to_end.with_label_values(&[keys.model()]);

@@ -16,6 +16,7 @@
 
 pub mod http;
 mod models;
+pub mod proxy;
 pub mod queue;
 mod redis_server;
 pub mod workers;

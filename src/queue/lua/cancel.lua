@@ -1,14 +1,14 @@
 #!lua
 -- Cancel a job that is not terminal yet: its cancelled record wins the result key, so
--- the worker's later write finds it taken and only acknowledges.
+-- the worker's later write finds it taken and only acknowledges. The record (and the
+-- hash) are kept until a worker has taken the job's entry — at most HOLD seconds —,
+-- which then shortens them to the result TTL: a cancelled job whose record had expired
+-- while its entry still waited would otherwise be computed and answered (AUDIT D5).
 --
 -- KEYS[1]  inferq:{m}:job:<id>     the record hash
 -- KEYS[2]  inferq:{m}:result:<id>  the terminal record
 -- KEYS[3]  its reply list (or the hash again when it has none)
--- KEYS[4]  inferq:{m}:jobs        the stream
--- KEYS[5]  inferq:{m}:inflight    entry id -> job id index
 -- ARGV[1] finished_ms   ARGV[2] result TTL (s)   ARGV[3] done channel   ARGV[4] job id
--- ARGV[5] group
 -- Returns {0} unknown job | {1, record JSON} cancelled now | {2, status} already terminal
 local rec, result = KEYS[1], KEYS[2]
 local done = redis.call('GET', result)
@@ -38,19 +38,12 @@ for i = 1, #h, 2 do
 end
 local json = cjson.encode(r)
 local ttl = tonumber(ARGV[2])
-redis.call('SET', result, json, 'EX', ttl)
-redis.call('EXPIRE', rec, ttl, 'NX')
+local hold = math.max(ttl, 7 * 24 * 3600)
+redis.call('SET', result, json, 'EX', hold)
+redis.call('EXPIRE', rec, hold, 'NX')
 if KEYS[3] ~= rec then
   redis.call('RPUSH', KEYS[3], json)
   redis.call('EXPIRE', KEYS[3], ttl)
-end
--- The entry goes too (acknowledged, deleted, unindexed): once the cancelled record
--- expires, nothing is left that a worker could compute, or answer as lost.
-local eid = redis.call('HGET', rec, 'entry')
-if eid then
-  redis.call('XACK', KEYS[4], ARGV[5], eid)
-  redis.call('XDEL', KEYS[4], eid)
-  redis.call('HDEL', KEYS[5], eid)
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {1, json}

@@ -39,7 +39,7 @@ for i = 7, #ARGV do
 end
 local eid = redis.call('XADD', stream, '*', unpack(entry))
 redis.call('HSET', rec, 'status', 'queued', 'model', ARGV[4], 'version', ARGV[5],
-  'enqueued_ms', ARGV[3], 'attempts', 0, 'body_sha', ARGV[1], 'entry', eid)
+  'enqueued_ms', ARGV[3], 'attempts', 0, 'body_sha', ARGV[1])
 if ARGV[6] ~= '' then
   redis.call('HSET', rec, 'reply_to', ARGV[6])
 end
