@@ -21,6 +21,7 @@
 #   STACK_PROMETHEUS_ADDR Prometheus address (default 127.0.0.1:9090)
 #   STACK_PROMETHEUS      1 (default) to run Prometheus, 0 to leave it out
 #   STACK_MODELS_DIR      ONNX files registered at `up` (default testdata/models)
+#   STACK_REDIS_MAXMEMORY Redis maxmemory (default 1gb; noeviction acts only under one)
 #   STACK_STOP_TIMEOUT_S  how long `down` waits after SIGTERM before SIGKILL (default:
 #                         the drain deadline INFERQ_DRAIN_TIMEOUT_MS + 10 s)
 #   INFERQ_*              passed to every inferq process (e.g. INFERQ_CLAIM_AFTER_MS);
@@ -35,6 +36,7 @@ METRICS_PORT="${STACK_METRICS_PORT:-9464}"
 PROM_ADDR="${STACK_PROMETHEUS_ADDR:-127.0.0.1:9090}"
 PROM="${STACK_PROMETHEUS:-1}"
 MODELS_SRC="${STACK_MODELS_DIR:-$ROOT/testdata/models}"
+REDIS_MAXMEMORY="${STACK_REDIS_MAXMEMORY:-1gb}"
 HEALTH="$ROOT/deploy/docker/healthcheck.sh"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ROOT/.ort/lib/libonnxruntime.so}"
 
@@ -175,7 +177,8 @@ up() {
 
   mkdir -p "$DIR/redis"
   launch redis redis-server --port 0 --unixsocket "$DIR/redis.sock" --unixsocketperm 700 \
-    --dir "$DIR/redis" --appendonly yes --appendfsync always --maxmemory-policy noeviction \
+    --dir "$DIR/redis" --appendonly yes --appendfsync always \
+    --maxmemory "$REDIS_MAXMEMORY" --maxmemory-policy noeviction \
     --save "" --daemonize no --logfile ""
   wait_ready redis
 

@@ -211,6 +211,17 @@ pub struct Settings {
     )]
     pub data_dir: PathBuf,
 
+    /// `maxmemory` of the embedded redis-server, in MiB. Without a limit its
+    /// `noeviction` policy never acts and Redis grows until the kernel kills it; with
+    /// one, a full Redis refuses new jobs (HTTP 503) and keeps every accepted one.
+    #[arg(
+        long,
+        env = "INFERQ_EMBEDDED_MAXMEMORY_MB",
+        default_value_t = 1024,
+        global = true
+    )]
+    pub embedded_maxmemory_mb: u64,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "INFERQ_LOG_FORMAT", default_value = "text", global = true)]
     pub log_format: String,
@@ -313,6 +324,7 @@ impl Settings {
             return Err("INFERQ_MAX_ENTRY_FIELDS must be 16 to 1000".into());
         }
         positive(self.max_entry_bytes as u64, "INFERQ_MAX_ENTRY_BYTES")?;
+        positive(self.embedded_maxmemory_mb, "INFERQ_EMBEDDED_MAXMEMORY_MB")?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(
                 "INFERQ_LOG_FORMAT must be `text` or `json`, not `{}`",
@@ -459,6 +471,7 @@ impl fmt::Debug for Settings {
             .field("cors_origin", &self.cors_origin)
             .field("dlq_retention_s", &self.dlq_retention_s)
             .field("data_dir", &self.data_dir)
+            .field("embedded_maxmemory_mb", &self.embedded_maxmemory_mb)
             .field("log_format", &self.log_format)
             .field("async_threads", &self.async_threads)
             .finish()

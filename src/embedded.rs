@@ -1,6 +1,7 @@
 //! The private `redis-server` that `inferq serve` starts when no Redis is configured:
 //! a unix socket under the data directory, append-only file with `appendfsync always`
-//! (no acknowledged job lost on a crash), `noeviction`. Stopped when `serve` exits.
+//! (no acknowledged job lost on a crash), `noeviction` under a `maxmemory` (without
+//! one the policy never acts). Stopped when `serve` exits.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,9 +17,10 @@ pub struct EmbeddedRedis {
 }
 
 impl EmbeddedRedis {
-    /// Starts `redis-server` from PATH with its files in `data_dir`, and waits until it
-    /// answers. The error is one sentence saying what to do.
-    pub async fn start(data_dir: &Path) -> Result<EmbeddedRedis, String> {
+    /// Starts `redis-server` from PATH with its files in `data_dir` and at most
+    /// `maxmemory_mb` MiB of data, and waits until it answers. The error is one
+    /// sentence saying what to do.
+    pub async fn start(data_dir: &Path, maxmemory_mb: u64) -> Result<EmbeddedRedis, String> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             format!(
                 "cannot create the data directory {}: {e}",
@@ -38,6 +40,7 @@ impl EmbeddedRedis {
             .arg("--appendonly").arg("yes")
             .arg("--appendfsync").arg("always")
             .arg("--save").arg("")
+            .arg("--maxmemory").arg(format!("{maxmemory_mb}mb"))
             .arg("--maxmemory-policy").arg("noeviction")
             .arg("--logfile").arg(dir.join("redis.log"))
             .stdin(Stdio::null())

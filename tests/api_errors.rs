@@ -1,11 +1,15 @@
 //! The refusals of the front door over real sockets, with a real redis-server: API
 //! keys on every route but health (401/403), invalid inputs (400 naming the input),
-//! and 429 with Retry-After past `max_queue`. Nothing is enqueued on any of them.
+//! 429 with Retry-After past `max_queue`, and 503 from a Redis filled to its
+//! `maxmemory`. Nothing is enqueued on any of them.
 
 mod common;
 
+use std::collections::HashMap;
+
 use common::http::{Client, Gateway, Resp, infer_body, xlen};
-use common::{RedisServer, Reference, TempRegistry};
+use common::queue::{cycled_inputs, set_maxmemory};
+use common::{RedisOptions, RedisServer, Reference, TempRegistry};
 use hyper::Method;
 use serde_json::{Value, json};
 
@@ -237,4 +241,104 @@ async fn a_backlog_over_max_queue_is_429_with_retry_after() {
     let iris = Reference::load("iris-f64");
     let body = infer_body(&iris.input_rows(0..1), json!({}));
     c.post("/v1/models/iris-f64/jobs", body).await.expect(202);
+}
+
+/// `INFO memory` field `name` of `redis`, in bytes.
+async fn memory_field(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .expect("INFO memory");
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in INFO memory:\n{info}"))
+}
+
+/// A Redis with `maxmemory` and `noeviction` (as shipped), filled through the gateway
+/// with jobs that no worker takes: once it is full, both submit routes answer 503 with
+/// the JSON error, and the refused job left nothing behind (no stream entry, no record
+/// hash, no terminal record). Freeing memory lets the same job in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_full_to_its_maxmemory_is_503_and_keeps_nothing_of_the_job() {
+    let redis = RedisServer::with(RedisOptions {
+        args: ["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]
+            .map(String::from)
+            .to_vec(),
+        ..RedisOptions::default()
+    });
+    let mut conn = common::queue::connect(&redis).await;
+    let limit = memory_field(&mut conn, "maxmemory").await;
+    assert_eq!(limit, 4 << 20);
+    assert!(
+        memory_field(&mut conn, "used_memory").await < limit,
+        "an empty Redis already over its limit proves nothing"
+    );
+    let reg = TempRegistry::with_models(&[RF]);
+    let r = Reference::load(RF);
+    let gw = Gateway::start(&redis, &reg, &[]).await;
+    let c = gw.client();
+    // About 100 kB of JSON per job: the limit is reached within a few dozen.
+    let body = |id: &str| infer_body(&cycled_inputs(&r, 0, 500), json!({ "id": id }));
+    let mut accepted = 0_u64;
+    let (refused, msg) = loop {
+        assert!(
+            accepted < 400,
+            "4 MB of Redis took {accepted} jobs and more"
+        );
+        let id = format!("fill-{accepted}");
+        let resp = c.post("/v1/models/tutorial-rf/jobs", body(&id)).await;
+        if resp.status.as_u16() == 202 {
+            accepted += 1;
+            continue;
+        }
+        break (id, resp.expect_error(503, "unavailable"));
+    };
+    assert!(
+        accepted >= 5,
+        "full after {accepted} jobs: was it ever empty?"
+    );
+    assert!(msg.contains("out of memory"), "{msg}");
+    // (Redis compares its memory less some buffers with the limit: near it, not over.)
+    let used = memory_field(&mut conn, "used_memory").await;
+    assert!(used * 4 >= limit * 3, "refused at {used} of {limit} bytes");
+    // The synchronous route is refused the same way, before it waits for anything.
+    c.post("/v2/models/tutorial-rf/infer", body("sync-refused"))
+        .await
+        .expect_error(503, "unavailable");
+
+    // Nothing half-written: every accepted job has its entry, no refused one has any key.
+    assert_eq!(xlen(&redis, RF).await, accepted);
+    let keys = inferq::queue::Keys::new(RF);
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(keys.jobs())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    let ids: Vec<&str> = entries
+        .iter()
+        .map(|(_, f)| f.get("id").map_or("", String::as_str))
+        .collect();
+    for id in [refused.as_str(), "sync-refused"] {
+        assert!(!ids.contains(&id), "{id} has a stream entry");
+        for key in [keys.job(id), keys.result(id)] {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("EXISTS");
+            assert!(!exists, "the refused job left {key}");
+        }
+    }
+    assert_eq!(ids.len() as u64, accepted);
+
+    // Room again: the refused job is accepted as a new one.
+    set_maxmemory(&mut conn, "0").await;
+    c.post("/v1/models/tutorial-rf/jobs", body(&refused))
+        .await
+        .expect(202);
+    assert_eq!(xlen(&redis, RF).await, accepted + 1);
 }

@@ -142,6 +142,18 @@ async fn serve_without_redis_prints_a_working_curl_and_stops_cleanly() {
         data_dir.display()
     );
 
+    // The private Redis has a memory limit (the default of INFERQ_EMBEDDED_MAXMEMORY_MB),
+    // so its noeviction policy acts, and serve does not warn about it.
+    let mut embedded = redis::Client::open(format!(
+        "redis+unix://{}",
+        data_dir.join("redis.sock").display()
+    ))
+    .expect("socket URL")
+    .get_connection()
+    .expect("connect to the private redis-server");
+    assert_eq!(common::maxmemory(&mut embedded), 1024 << 20);
+    assert!(!log().contains("maxmemory is 0"), "{}", log());
+
     // The printed command, as a user pastes it.
     let sh = std::process::Command::new("sh")
         .arg("-c")

@@ -363,10 +363,28 @@ fn workers_scale_on_the_consumer_group_lag_of_every_model_stream() {
     assert!(worker.contains("pendingEntriesCount counts only entries"));
 }
 
-/// The pod templates of every workload: (kind/name, pod spec).
+/// Bytes of a memory size as Redis (`768mb`: powers of 1024), Kubernetes (`2Gi`) or
+/// compose (`1g`, or a plain byte count after `docker-compose config`) write it.
+fn bytes(size: &str) -> u64 {
+    let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let n: u64 = digits
+        .parse()
+        .unwrap_or_else(|_| panic!("not a memory size: {size}"));
+    let unit = match size[digits.len()..].to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "ki" => 1 << 10,
+        "m" | "mb" | "mi" => 1 << 20,
+        "g" | "gb" | "gi" => 1 << 30,
+        other => panic!("unknown unit {other} in {size}"),
+    };
+    n * unit
+}
+
 /// Redis' command line (a YAML/JSON list) keeps every acknowledged job and evicts
-/// none: AOF with `appendfsync always`, `noeviction`.
-fn assert_durable_redis(args: &Value, whose: &str) {
+/// none: AOF with `appendfsync always`, `noeviction`, and a `maxmemory` (without which
+/// `noeviction` never acts) at most 80 % of the container's memory limit `limit`, so
+/// that an AOF rewrite's fork has room.
+fn assert_durable_redis(args: &Value, limit: &str, whose: &str) {
     let args: Vec<&str> = args
         .as_array()
         .unwrap_or_else(|| panic!("{whose}: redis arguments are a list"))
@@ -383,8 +401,18 @@ fn assert_durable_redis(args: &Value, whose: &str) {
             "{whose}: redis {args:?} lacks {pair:?}"
         );
     }
+    let maxmemory = args
+        .windows(2)
+        .find(|w| w[0] == "--maxmemory")
+        .map(|w| bytes(w[1]))
+        .unwrap_or_else(|| panic!("{whose}: redis {args:?} has no --maxmemory"));
+    assert!(
+        maxmemory > 0 && maxmemory * 5 <= bytes(limit) * 4,
+        "{whose}: maxmemory {maxmemory} is not below 80 % of the memory limit {limit}"
+    );
 }
 
+/// The pod templates of every workload: (kind/name, pod spec).
 fn pod_specs(docs: &[Doc]) -> Vec<(String, Value)> {
     docs.iter()
         .filter(|d| matches!(d.kind(), "Deployment" | "StatefulSet" | "Job"))
@@ -518,8 +546,12 @@ fn pods_are_hardened_probed_and_drain_in_time() {
     );
     // Redis: AOF always, noeviction, on a persistent volume.
     let redis = find(&docs, "StatefulSet", "redis");
+    let container = &redis["spec"]["template"]["spec"]["containers"][0];
     assert_durable_redis(
-        &redis["spec"]["template"]["spec"]["containers"][0]["args"],
+        &container["args"],
+        container["resources"]["limits"]["memory"]
+            .as_str()
+            .expect("a memory limit"),
         "the StatefulSet",
     );
     assert!(redis["spec"]["volumeClaimTemplates"].is_array());
@@ -756,7 +788,21 @@ fn docker_compose_accepts_the_file_and_it_has_the_stack() {
             _ => assert!(ports.is_empty(), "{name} must not be published: {ports:?}"),
         }
     }
-    assert_durable_redis(&services["redis"]["command"], "compose");
+    for (name, s) in &services {
+        // Every long-running service has a memory limit and rotated logs.
+        if name != "models" {
+            assert!(s["mem_limit"].is_string(), "{name}: no mem_limit");
+            assert_eq!(s["logging"]["driver"], "json-file", "{name}");
+            assert!(s["logging"]["options"]["max-size"].is_string(), "{name}");
+        }
+    }
+    let redis_limit = services["redis"]["mem_limit"].as_str().expect("mem_limit");
+    assert_durable_redis(&services["redis"]["command"], redis_limit, "compose");
+    // A broken copy fails the check: a limit below maxmemory.
+    let low = std::panic::catch_unwind(|| {
+        assert_durable_redis(&services["redis"]["command"], "800m", "compose")
+    });
+    assert!(low.is_err(), "maxmemory 768mb under an 800m limit passed");
     assert!(
         services["redis"]["healthcheck"]["test"]
             .to_string()

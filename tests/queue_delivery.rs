@@ -452,34 +452,51 @@ async fn consumer_names(conn: &mut redis::aio::MultiplexedConnection, keys: &Key
         .collect()
 }
 
-/// A Redis that may evict keys can silently drop jobs and results: a worker says so
-/// at start, naming the policy; with `noeviction` it says nothing.
+/// A Redis that may evict keys can silently drop jobs and results, and one without
+/// `maxmemory` never refuses a write (noeviction acts only under a limit), so it grows
+/// until the kernel kills it: every long-running role says so at start, naming the
+/// policy; with `noeviction` under a limit it says nothing.
 #[test]
-fn an_evicting_redis_is_flagged_at_start() {
+fn an_evicting_or_unlimited_redis_is_flagged_at_start_by_every_role() {
+    const EVICTS: &str = "maxmemory-policy is not noeviction";
+    const UNLIMITED: &str = "maxmemory is 0 (no limit)";
     let reg = common::TempRegistry::with_models(&["tutorial-rf"]);
-    for (policy, flagged) in [("allkeys-lru", true), ("noeviction", false)] {
+    for (policy, maxmemory, evicts, unlimited) in [
+        ("allkeys-lru", "64mb", true, false),
+        ("noeviction", "0", false, true),
+        ("noeviction", "64mb", false, false),
+    ] {
         let redis = common::RedisServer::with(RedisOptions {
-            args: vec!["--maxmemory-policy".into(), policy.into()],
+            args: vec![
+                "--maxmemory-policy".into(),
+                policy.into(),
+                "--maxmemory".into(),
+                maxmemory.into(),
+            ],
             ..RedisOptions::default()
         });
-        let w = WorkerProcess::spawn(&redis, reg.path(), "w", &[]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !w.log().contains("serving model") {
-            assert!(
-                Instant::now() < deadline,
-                "worker did not start: {}",
-                w.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = w.log();
-        assert_eq!(
-            log.contains("maxmemory-policy is not noeviction"),
-            flagged,
-            "{policy}: {log}"
-        );
-        if flagged {
-            assert!(log.contains(policy), "{log}");
+        for (role, started) in [
+            ("worker", "serving model"),
+            ("gateway", "HTTP front door listening"),
+            ("serve", "serving model"),
+        ] {
+            let w = WorkerProcess::spawn_role(role, &redis, reg.path(), "w", &[]);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !w.log().contains(started) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{role} did not start: {}",
+                    w.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let log = w.log();
+            let what = format!("{role}, {policy}, maxmemory {maxmemory}: {log}");
+            assert_eq!(log.contains(EVICTS), evicts, "{what}");
+            assert_eq!(log.contains(UNLIMITED), unlimited, "{what}");
+            if evicts {
+                assert!(log.contains(policy), "{what}");
+            }
         }
     }
 }

@@ -383,6 +383,8 @@ fn native_stack_survives_a_killed_worker_and_stops_clean() {
     let mut conn = client
         .get_connection()
         .expect("connect to the stack's Redis");
+    // The stack's Redis has a limit, so noeviction acts (STACK_REDIS_MAXMEMORY, 1gb).
+    assert_eq!(common::maxmemory(&mut conn), 1 << 30);
     let keys = inferq::queue::Keys::new(MODEL);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -77,7 +77,7 @@ pub(super) fn run(settings: &Settings, role: Role) -> anyhow::Result<()> {
         let embedded = match configured {
             Some(_) => None,
             None => Some(
-                EmbeddedRedis::start(&settings.data_dir)
+                EmbeddedRedis::start(&settings.data_dir, settings.embedded_maxmemory_mb)
                     .await
                     .map_err(anyhow::Error::msg)?,
             ),
@@ -96,6 +96,28 @@ pub(super) fn run(settings: &Settings, role: Role) -> anyhow::Result<()> {
     })
 }
 
+/// Warns, at start, about a Redis whose memory settings break the promise that a full
+/// Redis refuses new jobs and never drops accepted ones. Reading them may fail (a
+/// managed Redis may hide INFO sections): that is a warning too, never fatal.
+async fn warn_memory_limits(conn: &mut Conn) {
+    match crate::queue::janitor::memory_limits(conn).await {
+        Ok(m) => {
+            if let Some(p) = m.policy.as_deref().filter(|p| *p != "noeviction") {
+                tracing::warn!(
+                    policy = %p,
+                    "Redis maxmemory-policy is not noeviction: under memory pressure it may evict jobs, results and consumer-group state; set maxmemory-policy noeviction"
+                );
+            }
+            if m.unlimited {
+                tracing::warn!(
+                    "Redis maxmemory is 0 (no limit), so noeviction never acts: Redis grows until the kernel kills it instead of refusing new jobs; set maxmemory below its memory limit"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read Redis' memory settings"),
+    }
+}
+
 async fn run_parts(
     settings: &Settings,
     role: Role,
@@ -107,15 +129,7 @@ async fn run_parts(
         .connect(Duration::from_secs(5))
         .await
         .context("cannot reach Redis")?;
-    let mut check = ops_conn.clone();
-    match crate::queue::janitor::eviction_policy(&mut check).await {
-        Ok(Some(p)) if p != "noeviction" => tracing::warn!(
-            policy = %p,
-            "Redis maxmemory-policy is not noeviction: under memory pressure it may evict jobs, results and consumer-group state; set maxmemory-policy noeviction"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot read Redis' eviction policy"),
-    }
+    warn_memory_limits(&mut ops_conn.clone()).await;
     let metrics_listener = TcpListener::bind(settings.metrics_listen)
         .await
         .with_context(|| {

@@ -185,10 +185,20 @@ pub(crate) fn pairs(v: &Value) -> Vec<(String, &Value)> {
     }
 }
 
-/// Redis' `maxmemory-policy`, read from `INFO memory` (CONFIG may be disabled). A
-/// cluster answers per node; the first node not at `noeviction` is reported.
-/// Anything but `noeviction` may silently evict jobs, records and the group's state.
-pub async fn eviction_policy(conn: &mut Conn) -> Result<Option<String>, QueueError> {
+/// Redis' memory settings as `INFO memory` reports them (CONFIG may be disabled).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// `maxmemory-policy`. A cluster answers per node: the first node not at
+    /// `noeviction` is reported. Anything but `noeviction` may silently evict jobs,
+    /// records and the group's state.
+    pub policy: Option<String>,
+    /// Some node reports `maxmemory:0`: no limit, so `noeviction` never acts and Redis
+    /// grows until the kernel's OOM killer stops it (losing what the AOF has not got).
+    pub unlimited: bool,
+}
+
+/// Reads [`MemoryLimits`] from `INFO memory` (every node of a cluster).
+pub async fn memory_limits(conn: &mut Conn) -> Result<MemoryLimits, QueueError> {
     let info: Value = redis::cmd("INFO")
         .arg("memory")
         .query_async(conn)
@@ -198,19 +208,30 @@ pub async fn eviction_policy(conn: &mut Conn) -> Result<Option<String>, QueueErr
         Value::Map(nodes) => nodes.iter().filter_map(|(_, v)| text(v)).collect(),
         other => text(other).into_iter().collect(),
     };
+    Ok(parse_memory_limits(&texts))
+}
+
+/// [`MemoryLimits`] of the `INFO memory` texts of one or more nodes.
+fn parse_memory_limits(texts: &[String]) -> MemoryLimits {
+    let field = |t: &str, name: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
     let policies: Vec<String> = texts
         .iter()
-        .filter_map(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-                .map(|v| v.trim().to_owned())
-        })
+        .filter_map(|t| field(t, "maxmemory_policy"))
         .collect();
-    Ok(policies
-        .iter()
-        .find(|p| *p != "noeviction")
-        .or(policies.first())
-        .cloned())
+    MemoryLimits {
+        policy: policies
+            .iter()
+            .find(|p| *p != "noeviction")
+            .or(policies.first())
+            .cloned(),
+        unlimited: texts
+            .iter()
+            .any(|t| field(t, "maxmemory").as_deref() == Some("0")),
+    }
 }
 
 /// Per-model queue figures for metrics and `/v1/stats`.
@@ -272,4 +293,34 @@ pub async fn depth(conn: &mut Conn, keys: &Keys) -> Result<Depth, QueueError> {
         }
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(policy: &str, maxmemory: &str) -> String {
+        format!(
+            "# Memory\r\nused_memory:1000\r\nmaxmemory:{maxmemory}\r\nmaxmemory_human:x\r\nmaxmemory_policy:{policy}\r\n"
+        )
+    }
+
+    #[test]
+    fn a_node_without_maxmemory_or_evicting_is_reported() {
+        let ok = parse_memory_limits(&[info("noeviction", "1048576")]);
+        assert_eq!(ok.policy.as_deref(), Some("noeviction"));
+        assert!(!ok.unlimited);
+        let unlimited = parse_memory_limits(&[info("noeviction", "0")]);
+        assert!(unlimited.unlimited);
+        // A cluster: one node of three is enough to be flagged, for either reason.
+        let nodes = [
+            info("noeviction", "1048576"),
+            info("allkeys-lru", "1048576"),
+            info("noeviction", "0"),
+        ];
+        let m = parse_memory_limits(&nodes);
+        assert_eq!(m.policy.as_deref(), Some("allkeys-lru"));
+        assert!(m.unlimited);
+        assert_eq!(parse_memory_limits(&[]), MemoryLimits::default());
+    }
 }

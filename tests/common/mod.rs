@@ -202,3 +202,13 @@ pub fn run_exit(cmd: &mut Command, code: i32) -> String {
     assert!(!text.contains("panicked"), "{cmd:?} panicked:\n{text}");
     text
 }
+
+/// `CONFIG GET maxmemory` of a Redis, in bytes (0: no limit).
+pub fn maxmemory(conn: &mut redis::Connection) -> u64 {
+    let (_, bytes): (String, u64) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory")
+        .query(conn)
+        .expect("CONFIG GET maxmemory");
+    bytes
+}

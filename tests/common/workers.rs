@@ -124,10 +124,23 @@ impl WorkerProcess {
         consumer: &str,
         env: &[(&str, &str)],
     ) -> WorkerProcess {
+        WorkerProcess::spawn_role("worker", redis, models, consumer, env)
+    }
+
+    /// Like [`WorkerProcess::spawn`], for any long-running role (`worker`, `gateway`,
+    /// `serve`); the HTTP listener of the latter two is on a free port.
+    pub fn spawn_role(
+        role: &str,
+        redis: &RedisServer,
+        models: &Path,
+        consumer: &str,
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let metrics_port = free_port();
         let mut cmd = inferq_command();
-        cmd.arg("worker")
+        cmd.arg(role)
+            .env("INFERQ_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("INFERQ_REDIS_URL", redis.url())
             .env("INFERQ_MODELS", models)
             .env("INFERQ_CONSUMER", consumer)
@@ -140,7 +153,7 @@ impl WorkerProcess {
         }
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start inferq worker: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start inferq {role}: {e}"));
         WorkerProcess {
             child,
             consumer: consumer.to_owned(),
