@@ -8,8 +8,9 @@
 //  2. strict fields: every key of spec and its nested KEDA types must be a property of
 //     that type (the API server rejects unknown fields with strict validation, the
 //     generated validators alone do not);
-//  3. each `redis-streams` / `redis-cluster-streams` trigger's metadata against the
-//     parameters the scaler documents (keda.sh/docs/latest/scalers/redis-streams).
+//  3. each `redis-streams` / `redis-cluster-streams` and `prometheus` trigger's
+//     metadata against the parameters the scaler documents
+//     (keda.sh/docs/2.11/scalers/redis-streams, keda.sh/docs/2.11/scalers/prometheus).
 // Prints one line per problem and exits 1 if there is any; prints what it checked.
 import { readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -114,6 +115,32 @@ function redisStreams(trigger, path, problems) {
   }
 }
 
+// KEDA 2.11+ (metricName and cortexOrgID are deprecated there, gone in 2.12).
+const PROMETHEUS_PARAMS = new Set([
+  "serverAddress", "query", "queryParameters", "threshold", "activationThreshold",
+  "namespace", "customHeaders", "ignoreNullValues", "unsafeSsl", "authModes", "timeout",
+]);
+
+function prometheus(trigger, path, problems) {
+  const md = trigger.metadata ?? {};
+  for (const [k, v] of Object.entries(md)) {
+    if (!PROMETHEUS_PARAMS.has(k)) problems.push(`${path}.metadata.${k}: not a parameter of the prometheus scaler`);
+    if (typeof v !== "string") problems.push(`${path}.metadata.${k}: must be a string, is ${typeof v}`);
+  }
+  for (const k of ["serverAddress", "query", "threshold"]) {
+    if (!md[k]) problems.push(`${path}.metadata.${k}: required`);
+  }
+  for (const k of ["threshold", "activationThreshold"]) {
+    if (k in md && !/^[0-9]+(\.[0-9]+)?$/.test(String(md[k]))) problems.push(`${path}.metadata.${k}: "${md[k]}" is not a non-negative number`);
+  }
+  for (const k of ["ignoreNullValues", "unsafeSsl"]) {
+    if (k in md && !["true", "false"].includes(String(md[k]))) problems.push(`${path}.metadata.${k}: must be "true" or "false"`);
+  }
+  if (md.serverAddress && !/^https?:\/\/[^\s/]+/.test(md.serverAddress)) {
+    problems.push(`${path}.metadata.serverAddress: "${md.serverAddress}" is not an http(s) URL`);
+  }
+}
+
 const input = JSON.parse(readFileSync(0, "utf8"));
 const problems = [];
 let checked = 0;
@@ -139,6 +166,8 @@ for (const { file, index, doc } of input) {
   if (doc.kind === "ScaledObject") {
     (doc.spec?.triggers ?? []).forEach((t, i) => {
       if (t.type === "redis-streams" || t.type === "redis-cluster-streams") redisStreams(t, `.spec.triggers[${i}]`, local);
+      else if (t.type === "prometheus") prometheus(t, `.spec.triggers[${i}]`, local);
+      else local.push(`.spec.triggers[${i}].type: ${t.type} is not a scaler this check knows`);
     });
   }
   problems.push(...local.map((p) => `${where}: ${p}`));
