@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent developer/CI set-up for inferq.
 #
-#   - Debian packages: redis-server, prometheus (+promtool), docker-compose
+#   - Debian packages: redis-server, prometheus (+promtool), docker-compose,
+#     prometheus-alertmanager (amtool), prometheus-redis-exporter
 #   - Python venv at .venv/ with the pins from scripts/requirements.txt
 #   - ONNX Runtime shared library at .ort/lib/libonnxruntime.so (for the `ort` crate,
 #     e.g. ORT_DYLIB_PATH=$PWD/.ort/lib/libonnxruntime.so)
@@ -40,6 +41,10 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   missing+=(prometheus)
 fi
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+# amtool checks the compose Alertmanager's configuration; the exporter runs with the
+# compose stack's flags in tests/deploy_manifests.rs.
+command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+command -v prometheus-redis-exporter >/dev/null 2>&1 || missing+=(prometheus-redis-exporter)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   apt_log="$(mktemp)"

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The `reason` values of `inferq_jobs_rejected_total` (what the front door refuses).
@@ -27,15 +27,31 @@ pub const REDIS_OPS: [&str; 4] = ["read", "finish", "ping", "depth"];
 /// without bound. A leading `_` is never a valid model name, so this cannot clash.
 pub const UNKNOWN_MODEL: &str = "_unknown";
 
-/// Latency buckets from 0.5 ms to 30 s, fine enough for a meaningful p95.
+/// Latency buckets from 0.5 ms to 30 s, fine enough for a meaningful p95 of one batch's
+/// inference.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
     0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
 ];
 
-/// Batch size buckets (rows or jobs).
+/// Buckets for what includes time in the queue: a backlog makes waits of minutes, and
+/// the alerts look at them (`histogram_quantile` cannot see past the top finite
+/// bucket: above it, it answers that bucket's bound).
+const QUEUE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
+];
+
+/// HTTP durations: long-polls and sync infers last up to `INFERQ_MAX_POLL_WAIT_S` (60 s).
+const HTTP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+];
+
+/// Batch size buckets (rows or jobs), up to `INFERQ_MAX_BATCH`'s ceiling of 2048.
 const SIZE_BUCKETS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
 ];
 
 /// Input elements per batch: powers of 4 from 1 to about 4 million.
@@ -110,25 +126,10 @@ pub struct Metrics {
     pub batches: IntCounterVec,
     /// HTTP requests by route template and status.
     pub http_duration: HistogramVec,
-    /// Process CPU use in percent of one core, since the previous scrape.
-    pub process_cpu: Gauge,
-    /// Process CPU time (all cores), for `rate()`: unlike the percentage, it does not
-    /// depend on how often or by how many servers the process is scraped.
-    pub process_cpu_seconds: Counter,
-    /// Process resident memory.
-    pub process_memory: IntGauge,
-    /// Host memory in use.
-    pub host_memory_used: IntGauge,
-    /// Host memory in total (for a used/total ratio).
-    pub host_memory_total: IntGauge,
     /// 1 when this process' last Redis ping answered, else 0 (sampled with the depth).
     pub redis_up: IntGauge,
-    /// Open file descriptors of the process.
-    pub open_fds: IntGauge,
     /// Build information (value 1).
     pub build_info: IntGaugeVec,
-    /// Seconds since the process started.
-    pub uptime: Gauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -165,12 +166,6 @@ fn histogram(
 impl Metrics {
     fn new() -> Metrics {
         let r = Registry::new();
-        let fgauge = |name: &str, help: &str| {
-            let g = Gauge::new(name, help).expect("valid metric, this is a bug");
-            r.register(Box::new(g.clone()))
-                .expect("metric registered once, this is a bug");
-            g
-        };
         let igauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric, this is a bug");
             r.register(Box::new(g.clone()))
@@ -187,13 +182,12 @@ impl Metrics {
         .expect("valid metric, this is a bug");
         r.register(Box::new(oldest.clone()))
             .expect("metric registered once, this is a bug");
-        let cpu_seconds = Counter::new(
-            "inferq_process_cpu_seconds_total",
-            "CPU time used by this process, user and system, all cores.",
-        )
-        .expect("valid metric, this is a bug");
-        r.register(Box::new(cpu_seconds.clone()))
-            .expect("metric registered once, this is a bug");
+        // The standard process_* figures (CPU seconds, resident memory, open and max
+        // file descriptors, start time) under the names dashboards and alerts expect.
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector registered once, this is a bug");
         let m = Metrics {
             jobs_submitted: counter(
                 &r,
@@ -307,7 +301,7 @@ impl Metrics {
                 "inferq_queue_wait_seconds",
                 "Time from enqueue to the start of the job's batch.",
                 &["model"],
-                LATENCY_BUCKETS,
+                QUEUE_BUCKETS,
             ),
             inference_time: histogram(
                 &r,
@@ -321,7 +315,7 @@ impl Metrics {
                 "inferq_end_to_end_seconds",
                 "Time from enqueue to the result being written.",
                 &["model"],
-                LATENCY_BUCKETS,
+                QUEUE_BUCKETS,
             ),
             rows_inferred: counter(
                 &r,
@@ -340,42 +334,17 @@ impl Metrics {
                 "inferq_http_request_duration_seconds",
                 "HTTP request duration by route template and status.",
                 &["route", "status"],
-                LATENCY_BUCKETS,
-            ),
-            process_cpu: fgauge(
-                "inferq_process_cpu_percent",
-                "CPU used by this process since the previous scrape, percent of one core.",
-            ),
-            process_cpu_seconds: cpu_seconds,
-            process_memory: igauge(
-                "inferq_process_resident_memory_bytes",
-                "Resident memory of this process.",
-            ),
-            host_memory_used: igauge(
-                "inferq_host_memory_used_bytes",
-                "Memory in use on the host.",
-            ),
-            host_memory_total: igauge(
-                "inferq_host_memory_total_bytes",
-                "Memory of the host in total.",
+                HTTP_BUCKETS,
             ),
             redis_up: igauge(
                 "inferq_redis_up",
                 "1 when this process' last Redis ping (every few seconds) answered, else 0.",
-            ),
-            open_fds: igauge(
-                "inferq_process_open_fds",
-                "Open file descriptors of this process.",
             ),
             build_info: gauge_vec(
                 &r,
                 "inferq_build_info",
                 "Build information; the value is 1.",
                 &["version", "onnxruntime"],
-            ),
-            uptime: fgauge(
-                "inferq_uptime_seconds",
-                "Seconds since this process started.",
             ),
             registry: r,
         };
@@ -426,6 +395,17 @@ impl Metrics {
             let _ = g.remove_label_values(&[model]);
         }
         let _ = self.oldest_job_age.remove_label_values(&[model]);
+    }
+
+    /// The process' resident memory in bytes, as the process collector reads it (0
+    /// where it cannot: not Linux).
+    pub fn resident_memory_bytes(&self) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "process_resident_memory_bytes")
+            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
+            .unwrap_or(0.0)
     }
 
     /// The text exposition of every metric.
@@ -479,7 +459,10 @@ mod tests {
         let text = m.render();
         for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
             let (name, kind) = line.split_once(' ').expect("name and type");
-            assert!(name.starts_with("inferq_"), "{name}");
+            assert!(
+                name.starts_with("inferq_") || name.starts_with("process_"),
+                "{name}"
+            );
             assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
         }
         for reason in REJECTION_REASONS {
@@ -488,6 +471,25 @@ mod tests {
         }
         assert!(text.contains(r#"inferq_jobs_submitted_total{model="m"} 0"#));
         assert!(text.contains(r#"inferq_end_to_end_seconds_count{model="m"} 0"#));
+        // Waits of minutes and batches of 2048 rows land in buckets of their own.
+        for bucket in [
+            r#"inferq_end_to_end_seconds_bucket{model="m",le="600"} 0"#,
+            r#"inferq_queue_wait_seconds_bucket{model="m",le="300"} 0"#,
+            r#"inferq_batch_rows_bucket{model="m",le="2048"} 0"#,
+        ] {
+            assert!(text.contains(bucket), "{bucket} missing");
+        }
+        for family in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family} missing"
+            );
+        }
+        assert!(m.resident_memory_bytes() > 0.0);
     }
 
     #[test]

@@ -820,6 +820,8 @@ fn docker_compose_accepts_the_file_and_it_has_the_stack() {
             "gateway",
             "worker",
             "prometheus",
+            "alertmanager",
+            "redis-exporter",
             "grafana"
         ])
     );
@@ -1233,4 +1235,243 @@ fn the_container_health_check_reports_live_and_dead() {
     let _ = gateway.kill();
     let _ = gateway.wait();
     assert!(!check(&listen, &[]), "a dead process must fail the check");
+}
+
+// ------------------------------------------------------------------ monitoring
+
+fn monitoring_docs() -> Vec<Doc> {
+    let dir = k8s_dir().join("monitoring");
+    let kust = yaml_docs(&[dir.join("kustomization.yaml")]);
+    assert_eq!(kust[0].doc["namespace"], "inferq");
+    let files: Vec<PathBuf> = kust[0].doc["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| dir.join(r.as_str().expect("a path")))
+        .collect();
+    yaml_docs(&files)
+}
+
+/// The `job="…"` values the alerts select.
+fn alert_jobs() -> BTreeSet<String> {
+    let alerts = read(&repo_root().join("prometheus/alerts.yml"));
+    alerts
+        .match_indices("job=\"")
+        .map(|(i, _)| {
+            let rest = &alerts[i + 5..];
+            rest[..rest.find('"').expect("closing quote")].to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn kube_prometheus_objects_scrape_with_the_jobs_the_rules_expect() {
+    let docs = monitoring_docs();
+    let k8s = k8s_docs();
+    let mut jobs = BTreeSet::new();
+    for component in ["worker", "gateway"] {
+        let name = format!("inferq-{component}");
+        let pm = find(&docs, "PodMonitor", &name);
+        assert_eq!(pm["apiVersion"], "monitoring.coreos.com/v1");
+        // It selects the Deployment's pods, on a port the container names.
+        let pod = &find(&k8s, "Deployment", &name)["spec"]["template"];
+        assert_eq!(
+            pm["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"],
+            "{name}"
+        );
+        let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+        let port = endpoint["port"].as_str().expect("a named port");
+        assert!(
+            pod["spec"]["containers"][0]["ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .any(|p| p["name"] == port),
+            "{name}: no container port {port}"
+        );
+        assert_eq!(endpoint["path"], "/metrics");
+        // `job` is set to the compose job name; nothing drops `namespace`.
+        let relabel = endpoint["relabelings"].as_array().expect("relabelings");
+        let job = relabel
+            .iter()
+            .find(|r| r["targetLabel"] == "job")
+            .and_then(|r| r["replacement"].as_str())
+            .unwrap_or_else(|| panic!("{name}: no relabeling sets job"));
+        assert_eq!(job, name);
+        assert!(
+            relabel
+                .iter()
+                .all(|r| r["targetLabel"] != "namespace" && r["action"] != "labeldrop"),
+            "{name}: {relabel:?}"
+        );
+        jobs.insert(job.to_owned());
+    }
+    // The alerts select exactly these jobs, which compose's scrape jobs are also named.
+    assert_eq!(alert_jobs(), jobs);
+    let prom = yaml_docs(&[repo_root().join("prometheus.yml")]);
+    let compose_jobs: BTreeSet<String> = prom[0].doc["scrape_configs"]
+        .as_array()
+        .expect("scrape_configs")
+        .iter()
+        .filter_map(|c| c["job_name"].as_str().map(str::to_owned))
+        .collect();
+    assert!(compose_jobs.is_superset(&jobs), "{compose_jobs:?}");
+
+    // The PrometheusRule holds prometheus/alerts.yml's groups, exactly.
+    let rule = find(&docs, "PrometheusRule", "inferq");
+    let alerts = yaml_docs(&[repo_root().join("prometheus/alerts.yml")]);
+    assert!(
+        rule["spec"]["groups"] == alerts[0].doc["groups"],
+        "deploy/k8s/monitoring/prometheusrule.yaml differs from prometheus/alerts.yml: \
+         run scripts/gen-prometheusrule.sh"
+    );
+    // The generator makes what is committed.
+    let committed = read(&k8s_dir().join("monitoring/prometheusrule.yaml"));
+    run_ok(Command::new("bash").arg(repo_root().join("scripts/gen-prometheusrule.sh")));
+    assert_eq!(
+        read(&k8s_dir().join("monitoring/prometheusrule.yaml")),
+        committed,
+        "scripts/gen-prometheusrule.sh changed the committed file"
+    );
+}
+
+#[test]
+fn alertmanager_and_redis_exporter_are_wired_and_pinned() {
+    let services = compose_services();
+    for name in ["alertmanager", "redis-exporter", "prometheus", "grafana"] {
+        let image = services[name]["image"].as_str().expect("image");
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+        assert!(
+            tag.starts_with('v') || tag.chars().next().is_some_and(|c| c.is_ascii_digit()),
+            "{name}: {image} is not pinned to a version"
+        );
+        assert!(tag.contains('.'), "{name}: {image}: pin a minor version");
+    }
+    // Prometheus sends alerts to the compose Alertmanager, and scrapes the exporter.
+    let prom = yaml_docs(&[repo_root().join("prometheus.yml")]);
+    let am = &prom[0].doc["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0];
+    assert_eq!(am, "alertmanager:9093");
+    let scrapes = prom[0].doc["scrape_configs"].as_array().expect("scrapes");
+    let redis_job = scrapes
+        .iter()
+        .find(|c| c["job_name"] == "redis")
+        .expect("a redis scrape job");
+    assert_eq!(
+        redis_job["static_configs"][0]["targets"][0],
+        "redis-exporter:9121"
+    );
+    // Alertmanager's configuration is valid to Alertmanager's own checker.
+    let config = repo_root().join("alertmanager/alertmanager.yml");
+    let out = run_ok(Command::new("amtool").arg("check-config").arg(&config));
+    assert!(out.contains("SUCCESS"), "{out}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broken = dir.path().join("alertmanager.yml");
+    std::fs::write(
+        &broken,
+        read(&config).replace(
+            "receiver: default\n  group_by",
+            "receiver: nobody\n  group_by",
+        ),
+    )
+    .expect("write");
+    assert!(
+        !run(Command::new("amtool").arg("check-config").arg(&broken))
+            .status
+            .success(),
+        "amtool accepted a route to an unknown receiver"
+    );
+    let mounted = services["alertmanager"]["volumes"][0]
+        .as_str()
+        .expect("volume");
+    assert!(
+        mounted.starts_with(&format!("{}:", config.display())),
+        "{mounted}"
+    );
+
+    // The exporter's flags, run natively (Debian's prometheus-redis-exporter) against
+    // a real Redis: it reads the memory limit and the models' streams.
+    let redis = common::RedisServer::with(common::RedisOptions {
+        tcp: true,
+        args: ["--maxmemory", "64mb"].map(String::from).to_vec(),
+        ..common::RedisOptions::default()
+    });
+    let mut conn = redis.connection();
+    let stream = inferq::queue::Keys::new("tutorial-rf").jobs().to_owned();
+    redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("v")
+        .arg("1")
+        .query::<String>(&mut conn)
+        .expect("XADD");
+    let port = common::http::free_port();
+    let args: Vec<String> = services["redis-exporter"]["command"]
+        .as_array()
+        .expect("exporter command")
+        .iter()
+        .map(|a| {
+            let a = a.as_str().expect("string");
+            if a.starts_with("--redis.addr=") {
+                format!("--redis.addr={}", redis.tcp_url().expect("tcp"))
+            } else if a.starts_with("--web.listen-address=") {
+                format!("--web.listen-address=127.0.0.1:{port}")
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    assert!(
+        args.iter().any(|a| a.starts_with("--check-streams=")),
+        "{args:?}"
+    );
+    let mut exporter = Command::new("prometheus-redis-exporter")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run prometheus-redis-exporter (scripts/setup.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let got = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .ok()?;
+                let mut body = String::new();
+                s.read_to_string(&mut body).ok()?;
+                Some(body)
+            });
+        match got {
+            Some(t) if t.contains("\nredis_up 1") => break t,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis_exporter never reported redis_up 1"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = exporter.kill();
+    let _ = exporter.wait();
+    let max = text
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_memory_max_bytes "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert_eq!(
+        max,
+        Some(f64::from(64 << 20)),
+        "the memory limit, as exported"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("redis_stream_length{")
+            && l.contains(&format!("stream=\"{stream}\""))
+            && l.ends_with(" 1")),
+        "the models' streams are not exported:\n{}",
+        text.lines()
+            .filter(|l| l.contains("stream"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

@@ -222,7 +222,6 @@ impl App {
                 depth.insert(name, json!(d));
             }
         }
-        let sys = crate::telemetry::process_figures();
         let body = json!({
             "total_requests": self.requests.load(Ordering::Relaxed),
             "jobs_submitted": submitted,
@@ -231,7 +230,7 @@ impl App {
             "success_rate": if ok + failed > 0 { ok as f64 / (ok + failed) as f64 } else { 1.0 },
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
             "loaded_models": self.producer.registry().registry().names().unwrap_or_default(),
-            "memory_mb": sys.resident_bytes as f64 / 1_048_576.0,
+            "memory_mb": m.resident_memory_bytes() / 1_048_576.0,
             "queue_depth": depth,
         });
         json(StatusCode::OK, body.to_string())
