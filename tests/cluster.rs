@@ -67,6 +67,9 @@ impl Cluster {
                 .arg("--logfile")
                 .arg(node_dir.join("redis.log"))
                 .args(["--appendonly", "no", "--save", "", "--daemonize", "no"])
+                // As shipped: a memory limit under which noeviction acts (without it
+                // every role warns at start, and the test refuses warnings).
+                .args(["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
