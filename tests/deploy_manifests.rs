@@ -956,6 +956,7 @@ fn compose_bind_mounts_exist() {
     for p in [
         "prometheus.yml",
         "prometheus/alerts.yml",
+        "alertmanager/alertmanager.yml",
         "grafana/provisioning",
         "grafana/dashboards/inferq.json",
     ] {
