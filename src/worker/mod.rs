@@ -1,9 +1,13 @@
 //! The worker role: one pipeline per served model (queue → batcher → runtime →
 //! queue), started as models appear in the registry, drained in order on shutdown.
 
+mod held;
+mod intake;
 mod models;
 mod outcome;
 mod pipeline;
+mod results;
+mod running;
 
 use std::collections::HashSet;
 use std::sync::Arc;
