@@ -192,7 +192,7 @@ impl Intake {
 
     /// Resolves the version, decodes and validates the inputs.
     async fn admit(&mut self, entry: JobEntry, mut info: JobInfo) -> Checked {
-        let version = match self.models.get(entry.version) {
+        let version = match self.models.get(entry.version).await {
             Ok(v) => v,
             Err(e) if e.retry == Retry::Terminal => {
                 return Checked::Answered(terminal(&info, End::Failed("not_found", e.message)));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::BatchConfig;
 use crate::error::Retry;
-use crate::registry::{RegistryCache, RegistryError};
+use crate::registry::{Manifest, RegistryCache, RegistryError};
 use crate::runtime::LoadedModel;
 
 /// A version ready to serve, with the batching that applies to it.
@@ -43,14 +43,24 @@ impl ModelCache {
         }
     }
 
-    /// Batching of the default version (what the next read should aim for).
+    /// Batching of the default version (what the next read should aim for), from its
+    /// cached manifest: nothing is loaded here.
     pub(crate) fn default_batch(&mut self) -> BatchConfig {
-        self.get(None).map_or(self.defaults, |v| v.batch)
+        if let Ok(v) = self.registry.default_version(&self.name)
+            && let Some(found) = self.loaded.get(&v)
+        {
+            return found.batch;
+        }
+        self.registry
+            .manifest(&self.name, None)
+            .map_or(self.defaults, |m| self.batch_of(&m))
     }
 
     /// The version a job asks for (`None`: the default), loading and hash-checking it
-    /// the first time.
-    pub(crate) fn get(&mut self, version: Option<u64>) -> Result<Version, ResolveError> {
+    /// the first time, on a blocking thread: reading and hashing a large model file
+    /// must not stall the worker's async threads, which keep reading, refreshing held
+    /// jobs and serving `/metrics` meanwhile.
+    pub(crate) async fn get(&mut self, version: Option<u64>) -> Result<Version, ResolveError> {
         let v = match version {
             Some(v) => v,
             None => self
@@ -61,25 +71,15 @@ impl ModelCache {
         if let Some(found) = self.loaded.get(&v) {
             return Ok(found.clone());
         }
-        let (manifest, bytes) = self
-            .registry
-            .registry()
-            .load(&self.name, Some(v))
+        let (registry, name) = (self.registry.registry().clone(), self.name.clone());
+        let (manifest, bytes) = tokio::task::spawn_blocking(move || registry.load(&name, Some(v)))
+            .await
+            .map_err(|e| ResolveError {
+                message: format!("model {}@{v}: loading stopped: {e}", self.name),
+                retry: Retry::Retryable,
+            })?
             .map_err(|e| classify(&e))?;
-        let batching = manifest.batching.clone().unwrap_or_default();
-        let batch = BatchConfig {
-            // A hand-edited manifest cannot lift the bound `models add` enforces.
-            max_batch: batching
-                .max_batch
-                .unwrap_or(self.defaults.max_batch)
-                .clamp(1, crate::config::MAX_BATCH_ROWS),
-            max_elements: batching
-                .max_batch_elements
-                .unwrap_or(self.defaults.max_elements),
-            max_wait: batching
-                .max_wait_ms
-                .map_or(self.defaults.max_wait, Duration::from_millis),
-        };
+        let batch = self.batch_of(&manifest);
         if let Some(p) = &manifest.padding {
             // Checked when the version was added; a hand-edited manifest may be fixed
             // by an operator, so jobs are retried until then.
@@ -99,6 +99,24 @@ impl ModelCache {
         let found = Version { model, batch };
         self.loaded.insert(v, found.clone());
         Ok(found)
+    }
+
+    /// A version's batching: its manifest's settings over the process defaults.
+    fn batch_of(&self, manifest: &Manifest) -> BatchConfig {
+        let batching = manifest.batching.clone().unwrap_or_default();
+        BatchConfig {
+            // A hand-edited manifest cannot lift the bound `models add` enforces.
+            max_batch: batching
+                .max_batch
+                .unwrap_or(self.defaults.max_batch)
+                .clamp(1, crate::config::MAX_BATCH_ROWS),
+            max_elements: batching
+                .max_batch_elements
+                .unwrap_or(self.defaults.max_elements),
+            max_wait: batching
+                .max_wait_ms
+                .map_or(self.defaults.max_wait, Duration::from_millis),
+        }
     }
 }
 
