@@ -1337,6 +1337,62 @@ fn kube_prometheus_objects_scrape_with_the_jobs_the_rules_expect() {
 }
 
 #[test]
+fn kubernetes_runs_the_redis_exporter_beside_redis_and_scrapes_it_as_job_redis() {
+    let k8s = k8s_docs();
+    let pod = &find(&k8s, "StatefulSet", "redis")["spec"]["template"];
+    let exporter = pod["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "redis-exporter")
+        .expect("a redis-exporter sidecar");
+    // The same pinned image and flags as compose's, but for the address.
+    let services = compose_services();
+    assert_eq!(exporter["image"], services["redis-exporter"]["image"]);
+    let flags = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|f| f.as_str())
+            .filter(|f| !f.starts_with("--redis.addr="))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        flags(&exporter["args"]),
+        flags(&services["redis-exporter"]["command"])
+    );
+    assert!(
+        exporter["args"][0]
+            .as_str()
+            .is_some_and(|a| a == "--redis.addr=redis://localhost:6379"),
+        "{exporter}"
+    );
+    assert_eq!(exporter["env"][0]["name"], "REDIS_PASSWORD", "it logs in");
+    let monitoring = monitoring_docs();
+    let pm = find(&monitoring, "PodMonitor", "inferq-redis");
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"],
+        pod["metadata"]["labels"]
+    );
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], exporter["ports"][0]["name"]);
+    assert_eq!(endpoint["relabelings"][0]["replacement"], "redis");
+    // Prometheus may reach it, and nothing else new may.
+    let policy = find(&k8s, "NetworkPolicy", "redis");
+    let scrape = &policy["spec"]["ingress"][1];
+    assert_eq!(
+        scrape["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert_eq!(
+        scrape["ports"],
+        serde_json::json!([{"protocol": "TCP", "port": 9121}])
+    );
+    assert_eq!(policy["spec"]["ingress"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
 fn alertmanager_and_redis_exporter_are_wired_and_pinned() {
     let services = compose_services();
     for name in ["alertmanager", "redis-exporter", "prometheus", "grafana"] {
