@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     };
     inferq::telemetry::init_logging(&cli.settings.log_format);
     match inferq::cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(e) => {
             eprintln!("inferq: {e:#}");
             ExitCode::FAILURE

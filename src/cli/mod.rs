@@ -14,9 +14,26 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{self, Settings};
 
+/// What `inferq --help` says after the settings: what an operator looks for and no
+/// setting shows, the log filter and the exit statuses (the README repeats both).
+const AFTER_HELP: &str = "\
+Logging: logs go to stderr, as text or JSON (INFERQ_LOG_FORMAT). RUST_LOG filters them
+  (tracing's EnvFilter syntax; default `info`), e.g. RUST_LOG=debug,
+  RUST_LOG=inferq=debug,redis=warn or RUST_LOG=inferq::queue=trace.
+
+Exit status: 0 success; 1 failure (and, for `submit --wait`, a job that failed, expired
+  or was cancelled); 2 a bad command line, setting or config file; 3 `submit --wait`
+  stopped waiting before the job ended.";
+
 /// inferq: queue-based batch inference on Redis Streams and ONNX Runtime.
 #[derive(Parser, Debug)]
-#[command(name = "inferq", version, about, max_term_width = 100)]
+#[command(
+    name = "inferq",
+    version,
+    about,
+    max_term_width = 100,
+    after_help = AFTER_HELP
+)]
 pub struct Cli {
     /// TOML file of settings (keys as in `--help`, e.g. `max_batch = 32`); environment
     /// variables and flags override it.
@@ -49,6 +66,7 @@ pub enum Command {
     /// Consume model streams: micro-batch, run ONNX Runtime, write results.
     Worker,
     /// Enqueue one job from the shell; optionally wait for its result.
+    #[command(after_help = submit::AFTER_HELP)]
     Submit(submit::SubmitArgs),
     /// Load generator: throughput and latency through Redis or HTTP, drain-mode
     /// capacity, and the in-process ONNX Runtime ceiling.
@@ -59,6 +77,39 @@ pub enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Print a shell completion script, e.g. `inferq completions bash >
+    /// /etc/bash_completion.d/inferq` or `inferq completions zsh > ~/.zfunc/_inferq`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How a command ended when it ran to its end: the exit status of the process. A
+/// waited-for job that did not succeed is not an error of the command (it printed
+/// the record), but a script must be able to tell it from success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Did what was asked: exit 0.
+    Done,
+    /// `submit --wait`: the job ended failed, expired or cancelled: exit 1, as for
+    /// any failure.
+    JobNotSucceeded,
+    /// `submit --wait`: the wait ran out with the job still queued or running: exit
+    /// 3, like `kubectl wait` telling a timeout from a failure, and apart from clap's
+    /// 2 for usage errors.
+    TimedOut,
+}
+
+impl Outcome {
+    /// The process exit status.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Done => 0,
+            Outcome::JobNotSucceeded => 1,
+            Outcome::TimedOut => 3,
+        }
+    }
 }
 
 /// Parses the command line with the config file (from `--config` or `INFERQ_CONFIG`)
@@ -91,6 +142,15 @@ pub fn parse() -> anyhow::Result<Cli> {
     Ok(cli)
 }
 
+/// Writes the completion script. It is rendered into memory first: clap_complete
+/// panics when its writer fails, and stdout may be a closed pipe or a full disk.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "inferq", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+        .with_context(|| format!("cannot write the {shell} completion script"))
+}
+
 fn config_path(args: &[String]) -> Option<PathBuf> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -105,16 +165,18 @@ fn config_path(args: &[String]) -> Option<PathBuf> {
 }
 
 /// Runs the parsed command.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let done = match cli.command {
+        Command::Submit(args) => return submit::run(&cli.settings, args),
         Command::Models { command } => models::run(&cli.settings, command),
         Command::Serve => roles::run(&cli.settings, roles::Role::Serve),
         Command::Gateway => roles::run(&cli.settings, roles::Role::Gateway),
         Command::Worker => roles::run(&cli.settings, roles::Role::Worker),
         Command::Dlq { command } => dlq::run(&cli.settings, command),
-        Command::Submit(args) => submit::run(&cli.settings, args),
         Command::Bench(args) => bench::run(&cli.settings, *args),
-    }
+        Command::Completions { shell } => completions(shell),
+    };
+    done.map(|()| Outcome::Done)
 }
 
 #[cfg(test)]

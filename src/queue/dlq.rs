@@ -19,7 +19,21 @@ pub mod dead_field {
 
 /// Up to `count` dead letters, oldest first.
 pub async fn list(conn: &mut Conn, keys: &Keys, count: usize) -> Result<Vec<Delivery>, QueueError> {
-    let reply: Value = redis::cmd("XRANGE")
+    Ok(page(conn, keys, count).await?.0)
+}
+
+/// Up to `count` dead letters, oldest first, and how many there are in all (read
+/// in one transaction, so a listing can say truthfully that it left some out).
+pub async fn page(
+    conn: &mut Conn,
+    keys: &Keys,
+    count: usize,
+) -> Result<(Vec<Delivery>, u64), QueueError> {
+    let (total, reply): (u64, Value) = redis::pipe()
+        .atomic()
+        .cmd("XLEN")
+        .arg(keys.dlq())
+        .cmd("XRANGE")
         .arg(keys.dlq())
         .arg("-")
         .arg("+")
@@ -31,7 +45,7 @@ pub async fn list(conn: &mut Conn, keys: &Keys, count: usize) -> Result<Vec<Deli
     let Value::Array(list) = reply else {
         return Err(QueueError::Protocol("list dead letters"));
     };
-    Ok(list.into_iter().filter_map(parse_entry).collect())
+    Ok((list.into_iter().filter_map(parse_entry).collect(), total))
 }
 
 /// Re-enqueues dead letters (all, or those whose job id is in `ids`) as fresh jobs
