@@ -995,9 +995,7 @@ fn every_command_the_deployment_runs_exists() {
         let arg = c["args"][0].as_str().expect("args").to_owned();
         subcommands.push((format!("k8s {}", d.name()), arg));
     }
-    assert!(dockerfile.contains("ENTRYPOINT [\"inferq\"]"));
-    assert!(dockerfile.contains("CMD [\"serve\"]"));
-    subcommands.push(("Dockerfile CMD".into(), "serve".into()));
+    // (The Dockerfile's CMD is `--help`: the_default_command_works_in_the_image.)
     for (what, sub) in &subcommands {
         run_ok(inferq_command().args([sub.as_str(), "--help"]));
         assert!(
@@ -1120,9 +1118,9 @@ fn dockerfile_lints_clean_and_matches_the_setup() {
     );
 
     for needle in [
-        "FROM rust:${RUST_VERSION}-bookworm AS builder",
+        "FROM rust:${RUST_VERSION}-bookworm AS chef",
+        "FROM chef AS builder",
         "cargo build --release --locked",
-        "FROM debian:bookworm-slim",
         "COPY --from=ort /out/libonnxruntime.so /usr/local/lib/inferq/libonnxruntime.so",
         "ORT_DYLIB_PATH=/usr/local/lib/inferq/libonnxruntime.so",
         "INFERQ_LISTEN=0.0.0.0:8080",
@@ -1184,6 +1182,298 @@ fn dockerfile_lints_clean_and_matches_the_setup() {
                 ".dockerignore does not let {src} into the build context"
             );
         }
+    }
+}
+
+/// One `FROM` stage of the Dockerfile: its base, its name, its instructions (line
+/// continuations joined).
+#[derive(Debug)]
+struct Stage {
+    from: String,
+    name: Option<String>,
+    lines: Vec<String>,
+}
+
+/// The Dockerfile's global `ARG` defaults and its stages, `${ARG}`s in `FROM`
+/// resolved from those defaults (as `docker build` does without `--build-arg`).
+fn dockerfile_stages() -> (BTreeMap<String, String>, Vec<Stage>) {
+    let text = read(&repo_root().join("Dockerfile")).replace("\\\n", " ");
+    let mut args: BTreeMap<String, String> = BTreeMap::new();
+    let mut stages: Vec<Stage> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("FROM ") {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let mut from = words[0].to_owned();
+            for (k, v) in &args {
+                from = from.replace(&format!("${{{k}}}"), v.as_str());
+            }
+            let name = (words.len() == 3 && words[1] == "AS").then(|| words[2].to_owned());
+            stages.push(Stage {
+                from,
+                name,
+                lines: Vec::new(),
+            });
+        } else if let Some(stage) = stages.last_mut() {
+            stage.lines.push(line.to_owned());
+        } else if let Some((k, v)) = line.strip_prefix("ARG ").and_then(|a| a.split_once('=')) {
+            args.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    (args, stages)
+}
+
+/// True for an image reference pinned at least to a minor release (`redis:7.4.2`,
+/// `prom/prometheus:v2.53.2`, `rust:1.95.0-bookworm`), false for a floating tag
+/// (`redis:7`, `rust:1-bookworm`, `debian:bookworm-slim`, `latest`, none) or a digest-less
+/// name. A digest (`@sha256:`) pins too.
+fn pinned(image: &str) -> bool {
+    if image.contains("@sha256:") {
+        return true;
+    }
+    let Some((_, tag)) = image.rsplit_once(':').filter(|(name, _)| !name.is_empty()) else {
+        return false;
+    };
+    let version = tag
+        .trim_start_matches('v')
+        .split('-')
+        .next()
+        .unwrap_or_default();
+    let parts: Vec<&str> = version.split('.').collect();
+    parts.len() >= 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[test]
+fn images_are_pinned_to_a_release() {
+    for floating in [
+        "redis:7",
+        "rust:1-bookworm",
+        "debian:bookworm-slim",
+        "grafana/grafana",
+        "x:latest",
+        "python:3-slim",
+    ] {
+        assert!(!pinned(floating), "{floating} is floating");
+    }
+    for fixed in [
+        "redis:7.4.2",
+        "prom/prometheus:v2.53.2",
+        "rust:1.95.0-bookworm",
+        "debian:12.11-slim",
+        "r@sha256:ab",
+    ] {
+        assert!(pinned(fixed), "{fixed} is pinned");
+    }
+    let (_, stages) = dockerfile_stages();
+    let names: Vec<&str> = stages.iter().filter_map(|s| s.name.as_deref()).collect();
+    let mut images: Vec<(String, String)> = stages
+        .iter()
+        .filter(|s| !names.contains(&s.from.as_str()))
+        .map(|s| ("Dockerfile".to_owned(), s.from.clone()))
+        .collect();
+    assert!(
+        images.len() >= 3,
+        "rust, python and debian bases: {images:?}"
+    );
+    for (name, service) in compose_services() {
+        if let Some(image) = service["image"].as_str() {
+            images.push((format!("compose {name}"), image.to_owned()));
+        }
+    }
+    for (what, spec) in pod_specs(&k8s_docs()) {
+        for c in spec["containers"].as_array().into_iter().flatten() {
+            images.push((what.clone(), c["image"].as_str().expect("image").to_owned()));
+        }
+    }
+    for (what, image) in &images {
+        // inferq's own image is built from this tree, tagged by whoever builds it.
+        if image.starts_with("inferq:") {
+            continue;
+        }
+        assert!(
+            pinned(image),
+            "{what}: `{image}` is a floating tag; pin a release"
+        );
+    }
+    // The Dockerfile header names the versions it pins.
+    let dockerfile = read(&repo_root().join("Dockerfile"));
+    for (_, image) in images.iter().filter(|(w, _)| w == "Dockerfile") {
+        let version = image
+            .split(':')
+            .nth(1)
+            .and_then(|t| t.split('-').next())
+            .unwrap_or_default();
+        assert!(
+            dockerfile.contains(version),
+            "the header should name {image}"
+        );
+    }
+}
+
+#[test]
+fn the_image_has_oci_labels_and_caches_dependencies_in_their_own_layer() {
+    let (args, stages) = dockerfile_stages();
+    let runtime = stages.last().expect("a runtime stage");
+    let labels = runtime
+        .lines
+        .iter()
+        .find(|l| l.starts_with("LABEL "))
+        .expect("LABEL in the runtime stage");
+    let runtime_args: BTreeMap<&str, &str> = runtime
+        .lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("ARG "))
+        .map(|a| a.split_once('=').unwrap_or((a, "")))
+        .collect();
+    for (key, value) in [
+        ("title", "\"inferq\""),
+        ("licenses", "\"Apache-2.0\""),
+        ("version", "\"${VERSION}\""),
+        ("revision", "\"${REVISION}\""),
+        ("created", "\"${CREATED}\""),
+        ("source", "\"${SOURCE}\""),
+    ] {
+        let label = format!("org.opencontainers.image.{key}={value}");
+        assert!(labels.contains(&label), "no {label} in {labels}");
+    }
+    assert!(
+        labels.contains("org.opencontainers.image.description="),
+        "{labels}"
+    );
+    for arg in ["REVISION", "CREATED", "SOURCE"] {
+        assert!(
+            runtime_args.contains_key(arg),
+            "the runtime stage declares ARG {arg}"
+        );
+    }
+    let crate_version = read(&repo_root().join("Cargo.toml"))
+        .lines()
+        .find_map(|l| l.strip_prefix("version = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("Cargo.toml version");
+    assert_eq!(
+        runtime_args.get("VERSION"),
+        Some(&crate_version.as_str()),
+        "VERSION is Cargo.toml's"
+    );
+    let base = format!(
+        "org.opencontainers.image.base.name=\"docker.io/library/{}\"",
+        runtime.from
+    );
+    assert!(
+        labels.contains(&base),
+        "{labels} should name {}",
+        runtime.from
+    );
+
+    // cargo-chef: the planner reduces the sources to a recipe; the builder cooks the
+    // dependencies from the recipe alone, then copies the sources and builds.
+    let stage = |name: &str| {
+        stages
+            .iter()
+            .find(|s| s.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no stage {name}"))
+    };
+    let chef = stage("chef");
+    assert!(
+        chef.lines
+            .iter()
+            .any(|l| l
+                == "RUN cargo install --locked cargo-chef --version \"${CARGO_CHEF_VERSION}\""),
+        "{chef:?}"
+    );
+    assert!(
+        pinned(&format!("cargo-chef:{}", args["CARGO_CHEF_VERSION"])),
+        "cargo-chef is pinned"
+    );
+    let planner = stage("planner");
+    assert_eq!(planner.from, "chef");
+    assert_eq!(
+        planner.lines.last().map(String::as_str),
+        Some("RUN cargo chef prepare --recipe-path recipe.json")
+    );
+    let builder = stage("builder");
+    assert_eq!(builder.from, "chef");
+    let at = |needle: &str| {
+        builder
+            .lines
+            .iter()
+            .position(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("builder lacks {needle}: {builder:?}"))
+    };
+    let recipe = at("COPY --from=planner /src/recipe.json recipe.json");
+    let cook = at("RUN cargo chef cook --release --locked --bin inferq --recipe-path recipe.json");
+    let sources = at("COPY src ./src");
+    let build = at("RUN cargo build --release --locked --bin inferq");
+    assert!(
+        recipe < cook && cook < sources && sources < build,
+        "{builder:?}"
+    );
+    assert_eq!(
+        builder
+            .lines
+            .iter()
+            .filter(|l| l.starts_with("COPY"))
+            .count(),
+        4,
+        "{builder:?}"
+    );
+    // Plain syntax for the classic builder: no BuildKit-only features.
+    let text = read(&repo_root().join("Dockerfile"));
+    for buildkit in ["--mount=", "--chmod=", "--link", "# syntax=", "<<"] {
+        assert!(!text.contains(buildkit), "BuildKit-only `{buildkit}`");
+    }
+}
+
+#[test]
+fn the_default_command_works_in_the_image() {
+    let (_, stages) = dockerfile_stages();
+    let runtime = stages.last().expect("a runtime stage");
+    let instruction = |name: &str| -> Vec<String> {
+        let line = runtime
+            .lines
+            .iter()
+            .rfind(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}"));
+        serde_json::from_str(&line[name.len() + 1..]).unwrap_or_else(|e| panic!("{line}: {e}"))
+    };
+    assert_eq!(instruction("ENTRYPOINT"), ["inferq"]);
+    let cmd = instruction("CMD");
+    // The image's environment and nothing else of ours: no INFERQ_REDIS_URL, no
+    // redis-server on PATH, as in a bare `docker run IMAGE`.
+    let env: Vec<(String, String)> = runtime
+        .lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("ENV KEY=VALUE");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    assert!(env.iter().any(|(k, _)| k == "INFERQ_MODELS"), "{env:?}");
+    let empty_path = tempfile::tempdir().expect("temp dir");
+    let out = run(inferq_command()
+        .args(&cmd)
+        .envs(env)
+        .env("PATH", empty_path.path())
+        .current_dir(empty_path.path()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "`docker run IMAGE` (inferq {cmd:?}) fails: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Usage: inferq"), "{text}");
+    // What it prints points at the roles to pick.
+    for role in ["serve", "gateway", "worker"] {
+        assert!(text.contains(role), "{text}");
     }
 }
 
