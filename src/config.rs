@@ -7,25 +7,58 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 /// The most rows a batch may have, whatever a setting or a manifest says: one
 /// batch's results go to Redis in one script call, whose arguments must stay far
 /// below Lua's limits.
 pub const MAX_BATCH_ROWS: usize = 2048;
 
+/// The `--help` headings the settings are grouped under: some 30 settings in one
+/// list hid the few an operator looks for (clap's `help_heading`).
+pub mod heading {
+    /// Where models come from, and the config file.
+    pub const REGISTRY: &str = "Registry and config file";
+    /// The Redis to use, or the one `serve` starts.
+    pub const REDIS: &str = "Redis";
+    /// The HTTP front door (`gateway`, `serve`).
+    pub const HTTP: &str = "HTTP front door";
+    /// How workers take and batch jobs.
+    pub const WORKER: &str = "Workers and batching";
+    /// Retries, reclaim, backlog and retention.
+    pub const QUEUE: &str = "Queue";
+    /// Sizes refused before anything is decoded.
+    pub const LIMITS: &str = "Limits";
+    /// Every role's metrics listener, shutdown, logging and threads.
+    pub const PROCESS: &str = "Process";
+    /// Every heading, in the order `--help` shows them.
+    pub const ALL: [&str; 7] = [REGISTRY, REDIS, HTTP, PROCESS, WORKER, QUEUE, LIMITS];
+}
+
 /// Every setting. Doc comments become `--help`; each has an `INFERQ_` variable.
 #[derive(Args, Clone)]
 pub struct Settings {
     /// Model registry directory.
-    #[arg(long, env = "INFERQ_MODELS", default_value = "./models", global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_MODELS",
+        default_value = "./models",
+        global = true,
+        help_heading = heading::REGISTRY
+    )]
     pub models: PathBuf,
 
     /// Redis: redis://, rediss:// or redis+unix:// URL; a comma-separated list of node
     /// URLs means Redis Cluster. Unset: `serve` starts a private redis-server;
     /// `gateway` and `worker` refuse to start. May hold a password: its value is never
     /// shown; INFERQ_REDIS_URL_FILE names a file holding it instead (a mounted secret).
-    #[arg(long, env = "INFERQ_REDIS_URL", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_REDIS_URL",
+        hide_env_values = true,
+        global = true,
+        help_heading = heading::REDIS
+    )]
     pub redis_url: Option<String>,
 
     /// Address of the HTTP front door.
@@ -33,7 +66,8 @@ pub struct Settings {
         long,
         env = "INFERQ_LISTEN",
         default_value = "127.0.0.1:8080",
-        global = true
+        global = true,
+        help_heading = heading::HTTP
     )]
     pub listen: SocketAddr,
 
@@ -42,7 +76,8 @@ pub struct Settings {
         long,
         env = "INFERQ_METRICS_LISTEN",
         default_value = "127.0.0.1:9464",
-        global = true
+        global = true,
+        help_heading = heading::PROCESS
     )]
     pub metrics_listen: SocketAddr,
 
@@ -51,12 +86,19 @@ pub struct Settings {
         long,
         env = "INFERQ_SERVE_MODELS",
         value_delimiter = ',',
-        global = true
+        global = true,
+        help_heading = heading::WORKER
     )]
     pub serve_models: Vec<String>,
 
     /// Rows per batch (a model's manifest may override it).
-    #[arg(long, env = "INFERQ_MAX_BATCH", default_value_t = 64, global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_MAX_BATCH",
+        default_value_t = 64,
+        global = true,
+        help_heading = heading::WORKER
+    )]
     pub max_batch: usize,
 
     /// Padded elements per batch, for models that declare padding: rows × padded
@@ -66,20 +108,39 @@ pub struct Settings {
         long,
         env = "INFERQ_MAX_BATCH_ELEMENTS",
         default_value_t = 16_384,
-        global = true
+        global = true,
+        help_heading = heading::WORKER
     )]
     pub max_batch_elements: usize,
 
     /// Extra wait in ms for more rows when a batch is not full (0: never wait).
-    #[arg(long, env = "INFERQ_MAX_WAIT_MS", default_value_t = 0, global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_MAX_WAIT_MS",
+        default_value_t = 0,
+        global = true,
+        help_heading = heading::WORKER
+    )]
     pub max_wait_ms: u64,
 
     /// Inference threads per model, each with its own ONNX Runtime session.
-    #[arg(long, env = "INFERQ_INFER_THREADS", default_value_t = 1, global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_INFER_THREADS",
+        default_value_t = 1,
+        global = true,
+        help_heading = heading::WORKER
+    )]
     pub infer_threads: usize,
 
     /// ONNX Runtime intra-op threads per session.
-    #[arg(long, env = "INFERQ_INTRA_THREADS", default_value_t = 1, global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_INTRA_THREADS",
+        default_value_t = 1,
+        global = true,
+        help_heading = heading::WORKER
+    )]
     pub intra_threads: usize,
 
     /// Seconds a terminal job record (and its reply list) stays readable.
@@ -87,7 +148,8 @@ pub struct Settings {
         long,
         env = "INFERQ_RESULT_TTL_S",
         default_value_t = 3600,
-        global = true
+        global = true,
+        help_heading = heading::QUEUE
     )]
     pub result_ttl_s: u64,
 
@@ -96,12 +158,19 @@ pub struct Settings {
         long,
         env = "INFERQ_CLAIM_AFTER_MS",
         default_value_t = 30_000,
-        global = true
+        global = true,
+        help_heading = heading::QUEUE
     )]
     pub claim_after_ms: u64,
 
     /// Deliveries before a job is dead-lettered.
-    #[arg(long, env = "INFERQ_MAX_ATTEMPTS", default_value_t = 3, global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_MAX_ATTEMPTS",
+        default_value_t = 3,
+        global = true,
+        help_heading = heading::QUEUE
+    )]
     pub max_attempts: u32,
 
     /// Backlog per model above which submits get 429.
@@ -109,7 +178,8 @@ pub struct Settings {
         long,
         env = "INFERQ_MAX_QUEUE",
         default_value_t = 100_000,
-        global = true
+        global = true,
+        help_heading = heading::QUEUE
     )]
     pub max_queue: u64,
 
@@ -118,7 +188,8 @@ pub struct Settings {
         long,
         env = "INFERQ_SYNC_TIMEOUT_MS",
         default_value_t = 30_000,
-        global = true
+        global = true,
+        help_heading = heading::HTTP
     )]
     pub sync_timeout_ms: u64,
 
@@ -127,12 +198,18 @@ pub struct Settings {
         long,
         env = "INFERQ_DRAIN_TIMEOUT_MS",
         default_value_t = 30_000,
-        global = true
+        global = true,
+        help_heading = heading::PROCESS
     )]
     pub drain_timeout_ms: u64,
 
     /// This worker's consumer name in the group (default: host name and pid).
-    #[arg(long, env = "INFERQ_CONSUMER", global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_CONSUMER",
+        global = true,
+        help_heading = heading::WORKER
+    )]
     pub consumer: Option<String>,
 
     /// API keys (comma-separated); when set, every route but health needs
@@ -143,7 +220,8 @@ pub struct Settings {
         env = "INFERQ_API_KEYS",
         value_delimiter = ',',
         hide_env_values = true,
-        global = true
+        global = true,
+        help_heading = heading::HTTP
     )]
     pub api_keys: Vec<String>,
 
@@ -152,7 +230,8 @@ pub struct Settings {
         long,
         env = "INFERQ_MAX_BODY_BYTES",
         default_value_t = 6_553_500,
-        global = true
+        global = true,
+        help_heading = heading::LIMITS
     )]
     pub max_body_bytes: usize,
 
@@ -161,7 +240,8 @@ pub struct Settings {
         long,
         env = "INFERQ_MAX_ELEMENTS",
         default_value_t = 4_000_000,
-        global = true
+        global = true,
+        help_heading = heading::LIMITS
     )]
     pub max_elements: usize,
 
@@ -171,7 +251,8 @@ pub struct Settings {
         long,
         env = "INFERQ_MAX_ENTRY_FIELDS",
         default_value_t = 32,
-        global = true
+        global = true,
+        help_heading = heading::LIMITS
     )]
     pub max_entry_fields: usize,
 
@@ -181,7 +262,8 @@ pub struct Settings {
         long,
         env = "INFERQ_MAX_ENTRY_BYTES",
         default_value_t = 64 << 20,
-        global = true
+        global = true,
+        help_heading = heading::LIMITS
     )]
     pub max_entry_bytes: usize,
 
@@ -190,16 +272,28 @@ pub struct Settings {
         long,
         env = "INFERQ_MAX_POLL_WAIT_S",
         default_value_t = 60,
-        global = true
+        global = true,
+        help_heading = heading::HTTP
     )]
     pub max_poll_wait_s: u64,
 
     /// Allowed CORS origin (`*` for any); unset means no CORS headers.
-    #[arg(long, env = "INFERQ_CORS_ORIGIN", global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_CORS_ORIGIN",
+        global = true,
+        help_heading = heading::HTTP
+    )]
     pub cors_origin: Option<String>,
 
     /// Seconds a dead-lettered entry (which holds the job's inputs) is kept.
-    #[arg(long, env = "INFERQ_DLQ_RETENTION_S", default_value_t = 7 * 24 * 3600, global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_DLQ_RETENTION_S",
+        default_value_t = 7 * 24 * 3600,
+        global = true,
+        help_heading = heading::QUEUE
+    )]
     pub dlq_retention_s: u64,
 
     /// Data directory of the embedded redis-server that `serve` starts.
@@ -207,7 +301,8 @@ pub struct Settings {
         long,
         env = "INFERQ_DATA_DIR",
         default_value = "./.data",
-        global = true
+        global = true,
+        help_heading = heading::REDIS
     )]
     pub data_dir: PathBuf,
 
@@ -218,19 +313,42 @@ pub struct Settings {
         long,
         env = "INFERQ_EMBEDDED_MAXMEMORY_MB",
         default_value_t = 1024,
-        global = true
+        global = true,
+        help_heading = heading::REDIS
     )]
     pub embedded_maxmemory_mb: u64,
 
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "INFERQ_LOG_FORMAT", default_value = "text", global = true)]
-    pub log_format: String,
+    /// Log format on stderr (the level comes from RUST_LOG).
+    #[arg(
+        long,
+        env = "INFERQ_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true,
+        help_heading = heading::PROCESS
+    )]
+    pub log_format: LogFormat,
 
     /// Async threads of the process (Redis I/O, HTTP, result building; inference has
     /// threads of its own). Default: 1 for `worker`, where more only add context
     /// switches on a small host, else the number of cores.
-    #[arg(long, env = "INFERQ_ASYNC_THREADS", global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_ASYNC_THREADS",
+        global = true,
+        help_heading = heading::PROCESS
+    )]
     pub async_threads: Option<usize>,
+}
+
+/// How logs are written. A closed set as a `ValueEnum`, so `--help` lists the values
+/// and clap refuses (and suggests for) anything else before a role starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// What a worker needs.
@@ -325,12 +443,6 @@ impl Settings {
         }
         positive(self.max_entry_bytes as u64, "INFERQ_MAX_ENTRY_BYTES")?;
         positive(self.embedded_maxmemory_mb, "INFERQ_EMBEDDED_MAXMEMORY_MB")?;
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(format!(
-                "INFERQ_LOG_FORMAT must be `text` or `json`, not `{}`",
-                self.log_format
-            ));
-        }
         if let Some(url) = &self.redis_url {
             for u in url.split(',') {
                 let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    inferq::telemetry::init_logging(&cli.settings.log_format);
+    inferq::telemetry::init_logging(cli.settings.log_format);
     match inferq::cli::run(cli) {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(e) => {

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use crate::metrics::metrics;
 
 /// Installs the global subscriber once; later calls are no-ops (tests).
-pub fn init_logging(format: &str) {
+pub fn init_logging(format: crate::config::LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: log files and container logs stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -19,7 +19,7 @@ pub fn init_logging(format: &str) {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let _ = if format == "json" {
+    let _ = if format == crate::config::LogFormat::Json {
         builder.json().try_init()
     } else {
         builder.try_init()

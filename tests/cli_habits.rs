@@ -438,6 +438,38 @@ fn help_documents_rust_log_and_the_exit_statuses() {
     ] {
         assert!(sub.contains(status), "`{status}` missing:\n{sub}");
     }
+    // Settings are grouped, and a closed set is a ValueEnum: listed, and a typo gets
+    // clap's suggestion (exit 2) from the environment and from a config file alike.
+    for heading in [
+        "Redis:",
+        "HTTP front door:",
+        "Workers and batching:",
+        "Limits:",
+    ] {
+        assert!(
+            top.contains(&format!("\n{heading}\n")),
+            "no heading {heading}:\n{top}"
+        );
+    }
+    let out = run_exit(
+        inferq_command()
+            .env("INFERQ_LOG_FORMAT", "jsn")
+            .args(["models", "list"]),
+        2,
+    );
+    assert!(out.contains("[possible values: text, json]"), "{out}");
+    assert!(out.contains("a similar value exists: 'json'"), "{out}");
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(config.path(), "log_format = \"xml\"\n").expect("write config");
+    let out = run_exit(
+        inferq_command()
+            .arg("--config")
+            .arg(config.path())
+            .args(["models", "list"]),
+        2,
+    );
+    assert!(out.contains("invalid value 'xml'"), "{out}");
+
     let readme = std::fs::read_to_string(common::repo_root().join("README.md")).expect("README");
     assert!(readme.contains("RUST_LOG"), "the README documents RUST_LOG");
     assert!(

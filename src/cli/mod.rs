@@ -37,7 +37,12 @@ Exit status: 0 success; 1 failure (and, for `submit --wait`, a job that failed, 
 pub struct Cli {
     /// TOML file of settings (keys as in `--help`, e.g. `max_batch = 32`); environment
     /// variables and flags override it.
-    #[arg(long, env = "INFERQ_CONFIG", global = true)]
+    #[arg(
+        long,
+        env = "INFERQ_CONFIG",
+        global = true,
+        help_heading = config::heading::REGISTRY
+    )]
     pub config: Option<PathBuf>,
 
     /// Settings shared by every role.
@@ -182,6 +187,36 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_setting_is_under_a_heading_and_help_shows_them_in_order() {
+        let mut command = Cli::command();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if ["help", "version"].contains(&id) {
+                continue;
+            }
+            let heading = arg.get_help_heading();
+            assert!(
+                heading.is_some_and(|h| config::heading::ALL.contains(&h)),
+                "setting `{id}` is under {heading:?}"
+            );
+        }
+        let help = command.render_long_help().to_string();
+        let at: Vec<usize> = config::heading::ALL
+            .iter()
+            .map(|h| {
+                help.find(&format!("\n{h}:\n"))
+                    .unwrap_or_else(|| panic!("no {h}"))
+            })
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{help}");
+        // A closed set lists its values.
+        assert!(
+            help.contains("Possible values:") && help.contains("json:"),
+            "{help}"
+        );
+    }
 
     #[test]
     fn every_secret_is_a_setting_whose_env_value_is_hidden() {
