@@ -209,3 +209,43 @@ async fn a_model_without_inference_threads_is_not_ready_and_its_jobs_go_to_anoth
     second.shutdown().await;
     first.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_finishing_during_a_drain_is_not_reclaimed_by_another_worker() {
+    let (redis, registry, model) = world();
+    // Every ORT call takes 1.5 s, far beyond the 300 ms after which idle jobs are taken.
+    faults::arm(Fault::SlowRun {
+        model: model.clone(),
+        ms: 1500,
+    });
+    let fast_claims = |consumer: &str| {
+        let mut cfg = worker_config(&model, consumer);
+        cfg.queue.claim_after = Duration::from_millis(300);
+        cfg
+    };
+    let mut conn = connect(&redis).await;
+    let a = start_worker(&redis, &registry, fast_claims("a")).await;
+    produce(&mut conn, &model, "slow", &[row(1, false)]).await;
+    wait_pending(&mut conn, &model, WAIT, "the job held by a", |p| {
+        p.iter().any(|e| e.consumer == "a")
+    })
+    .await;
+    let b = start_worker(&redis, &registry, fast_claims("b")).await;
+    // a drains: it finishes the job it holds, and keeps it fresh until then.
+    let drained = tokio::spawn(a.shutdown());
+    let rec = wait_terminal(&mut conn, &model, "slow", WAIT).await;
+    assert_eq!(
+        rec.get("status").map(String::as_str),
+        Some("succeeded"),
+        "{rec:?}"
+    );
+    assert!(drained.await.expect("a's drain"), "a drained in time");
+    wait_no_pending(&mut conn, &model, WAIT).await;
+    b.shutdown().await;
+    assert_eq!(
+        metric("inferq_duplicate_deliveries_total", &model),
+        0.0,
+        "b computed the job a was finishing"
+    );
+    assert_eq!(attempts(&rec), 1, "{rec:?}");
+}

@@ -26,6 +26,13 @@ pub enum Fault {
         /// Model name.
         model: String,
     },
+    /// Every ORT call of `model` takes at least `ms` longer (a slow model).
+    SlowRun {
+        /// Model name.
+        model: String,
+        /// Extra time per call.
+        ms: u64,
+    },
 }
 
 static ARMED: AtomicBool = AtomicBool::new(false);
@@ -48,15 +55,28 @@ fn name(label: &str) -> &str {
     label.split_once('@').map_or(label, |(n, _)| n)
 }
 
-/// Panics when a [`Fault::PanicOnValue`] matches this call.
+/// Panics when a [`Fault::PanicOnValue`] matches this call; sleeps for a
+/// [`Fault::SlowRun`].
 pub(crate) fn check_run(label: &str, inputs: &[Tensor]) {
+    if !ARMED.load(Ordering::Relaxed) {
+        return;
+    }
     let hit = any(|f| match f {
         Fault::PanicOnValue { model, value } => {
             model == name(label) && inputs.iter().any(|t| holds(&t.data, *value))
         }
-        Fault::EndThread { .. } => false,
+        Fault::EndThread { .. } | Fault::SlowRun { .. } => false,
     });
     assert!(!hit, "injected fault: a panic in inference of {label}");
+    let slow = FAULTS.lock().ok().and_then(|f| {
+        f.iter().find_map(|x| match x {
+            Fault::SlowRun { model, ms } if model == name(label) => Some(*ms),
+            _ => None,
+        })
+    });
+    if let Some(ms) = slow {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// True when a [`Fault::EndThread`] is armed for this model (it is used up).

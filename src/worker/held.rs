@@ -11,20 +11,26 @@ use crate::queue::{Conn, Keys, janitor};
 
 /// Refreshes the idle time of every held entry each third of `claim_after`, on its
 /// own timer: a batch may keep the pipeline waiting for an inference thread far longer.
+/// After `stop` it goes on while anything is held (the drain finishes those jobs here;
+/// the drain deadline bounds it); `release` ends it at once.
 pub(super) async fn keep_held(
     held: Held,
     mut writer: Conn,
     keys: Arc<Keys>,
     cfg: Arc<WorkerConfig>,
     stop: CancellationToken,
+    release: CancellationToken,
 ) {
     let every = (cfg.queue.claim_after / 3).max(Duration::from_millis(20));
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = release.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
         let ids = held.snapshot();
+        if ids.is_empty() && stop.is_cancelled() {
+            return;
+        }
         if let Err(e) = janitor::touch(&mut writer, &keys, &cfg.consumer, &ids).await {
             tracing::warn!(model = keys.model(), error = %e, "cannot refresh held jobs");
         }

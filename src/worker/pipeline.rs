@@ -67,8 +67,9 @@ pub(crate) struct Pipeline {
     waiting: VecDeque<Ready>,
     tracker: TaskTracker,
     stop: CancellationToken,
-    /// Ends the refresh of held jobs: with `stop`, or when the model can no longer be
-    /// served here (its jobs must then go to other workers).
+    /// Ends the refresh of held jobs when the model can no longer be served here (its
+    /// jobs must then go to other workers). Not `stop`: during a drain the jobs still
+    /// held are being finished here, and must not be reclaimed meanwhile (AUDIT D32).
     release: CancellationToken,
     /// False once every inference thread ended: nothing more is read.
     serving: bool,
@@ -112,7 +113,7 @@ impl Pipeline {
             writer,
             waiting: VecDeque::new(),
             tracker,
-            release: stop.child_token(),
+            release: CancellationToken::new(),
             stop,
             serving: true,
             claim_cursor: "0-0".into(),
@@ -139,6 +140,7 @@ impl Pipeline {
             self.writer.clone(),
             Arc::clone(&self.keys),
             Arc::clone(&self.cfg),
+            self.stop.clone(),
             self.release.clone(),
         ));
         self.drain_own_pending(&mut backoff).await;
