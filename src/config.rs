@@ -61,6 +61,36 @@ pub struct Settings {
     )]
     pub redis_url: Option<String>,
 
+    /// For rediss:// URLs: a PEM file of the certificate authorities to trust (unset:
+    /// the system's trust store).
+    #[arg(
+        long,
+        env = "INFERQ_REDIS_CA_FILE",
+        global = true,
+        help_heading = heading::REDIS
+    )]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// For rediss:// URLs with client authentication: this client's PEM certificate
+    /// (with INFERQ_REDIS_CLIENT_KEY_FILE).
+    #[arg(
+        long,
+        env = "INFERQ_REDIS_CLIENT_CERT_FILE",
+        global = true,
+        help_heading = heading::REDIS
+    )]
+    pub redis_client_cert_file: Option<PathBuf>,
+
+    /// For rediss:// URLs with client authentication: the PEM key of
+    /// INFERQ_REDIS_CLIENT_CERT_FILE.
+    #[arg(
+        long,
+        env = "INFERQ_REDIS_CLIENT_KEY_FILE",
+        global = true,
+        help_heading = heading::REDIS
+    )]
+    pub redis_client_key_file: Option<PathBuf>,
+
     /// Address of the HTTP front door.
     #[arg(
         long,
@@ -549,6 +579,9 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
             .field("models", &self.models)
+            .field("redis_ca_file", &self.redis_ca_file)
+            .field("redis_client_cert_file", &self.redis_client_cert_file)
+            .field("redis_client_key_file", &self.redis_client_key_file)
             .field(
                 "redis_url",
                 &self

@@ -23,7 +23,16 @@ pub(super) fn redis_target(settings: &Settings, role: &str) -> anyhow::Result<Re
             "`inferq {role}` needs INFERQ_REDIS_URL (or --redis-url), e.g. redis://127.0.0.1:6379"
         )
     })?;
-    Ok(RedisTarget::parse(url)?)
+    target(settings, url)
+}
+
+/// A Redis URL with the TLS files the settings name.
+fn target(settings: &Settings, url: &str) -> anyhow::Result<RedisTarget> {
+    Ok(RedisTarget::parse(url)?.with_tls_files(
+        settings.redis_ca_file.as_deref(),
+        settings.redis_client_cert_file.as_deref(),
+        settings.redis_client_key_file.as_deref(),
+    )?)
 }
 
 /// A multi-threaded runtime for a role.
@@ -60,7 +69,7 @@ pub(super) fn run(settings: &Settings, role: Role) -> anyhow::Result<()> {
         Role::Serve => settings
             .redis_url
             .as_deref()
-            .map(RedisTarget::parse)
+            .map(|url| target(settings, url))
             .transpose()?,
         _ => Some(redis_target(settings, role.name())?),
     };

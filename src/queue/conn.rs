@@ -60,6 +60,51 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone)]
 pub struct RedisTarget {
     urls: Vec<String>,
+    /// Certificates for `rediss://` (`None`: the system's trust store, no client cert).
+    tls: Option<Arc<Tls>>,
+}
+
+/// PEM bytes for TLS connections.
+struct Tls {
+    root: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("root", &self.root.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl Tls {
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.root.clone(),
+        }
+    }
+}
+
+/// Installs the process's TLS cryptography (ring) once, before the first TLS client.
+fn tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // ring builds from crates.io with a C compiler alone (aws-lc-rs, rustls'
+        // default, needs cmake); it lacks only the post-quantum key exchanges, hence
+        // the deprecation note. Installing fails only when a provider is already set.
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let _ = provider.install_default();
+    });
 }
 
 impl RedisTarget {
@@ -73,7 +118,38 @@ impl RedisTarget {
         if urls.is_empty() {
             return Err(QueueError::Config("INFERQ_REDIS_URL is empty".into()));
         }
-        Ok(RedisTarget { urls })
+        Ok(RedisTarget { urls, tls: None })
+    }
+
+    /// Trusts the authorities in `ca` (PEM) for `rediss://`, and presents a client
+    /// certificate when `cert` and `key` are given. Files are read once, here.
+    pub fn with_tls_files(
+        mut self,
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<RedisTarget, QueueError> {
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| QueueError::Config(format!("{what} {}: {e}", p.display())))
+        };
+        let client = match (cert, key) {
+            (Some(c), Some(k)) => Some((
+                read("INFERQ_REDIS_CLIENT_CERT_FILE", c)?,
+                read("INFERQ_REDIS_CLIENT_KEY_FILE", k)?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(QueueError::Config(
+                    "INFERQ_REDIS_CLIENT_CERT_FILE and INFERQ_REDIS_CLIENT_KEY_FILE go together"
+                        .into(),
+                ));
+            }
+        };
+        let root = ca.map(|p| read("INFERQ_REDIS_CA_FILE", p)).transpose()?;
+        if root.is_some() || client.is_some() {
+            self.tls = Some(Arc::new(Tls { root, client }));
+        }
+        Ok(self)
     }
 
     /// True for a cluster (several node URLs).
@@ -89,7 +165,14 @@ impl RedisTarget {
     /// Opens a connection whose replies may take up to `response_timeout`.
     pub async fn connect(&self, response_timeout: Duration) -> Result<Conn, QueueError> {
         if self.is_cluster() {
-            let client = ClusterClient::builder(self.urls.clone())
+            if self.urls.iter().any(|u| u.starts_with("rediss://")) {
+                tls_provider();
+            }
+            let mut builder = ClusterClient::builder(self.urls.clone());
+            if let Some(tls) = &self.tls {
+                builder = builder.certs(tls.certificates());
+            }
+            let client = builder
                 .tcp_settings(tcp_settings())
                 .response_timeout(response_timeout)
                 .connection_timeout(Duration::from_secs(2))
@@ -101,7 +184,7 @@ impl RedisTarget {
                 .map_err(QueueError::redis("connect to the cluster"))?;
             return Ok(Conn::Cluster(conn));
         }
-        let client = Self::client(&self.urls[0])?;
+        let client = self.client(&self.urls[0])?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -120,19 +203,28 @@ impl RedisTarget {
         }))
     }
 
-    /// A client for one node, its sockets with [`tcp_settings`].
-    fn client(url: &str) -> Result<redis::Client, QueueError> {
+    /// A client for one node, its sockets with [`tcp_settings`], and the configured
+    /// certificates for `rediss://`.
+    fn client(&self, url: &str) -> Result<redis::Client, QueueError> {
         use redis::IntoConnectionInfo;
         let info = url
             .into_connection_info()
             .map_err(QueueError::redis("parse INFERQ_REDIS_URL"))?
             .set_tcp_settings(tcp_settings());
-        redis::Client::open(info).map_err(QueueError::redis("parse INFERQ_REDIS_URL"))
+        if !url.starts_with("rediss://") {
+            return redis::Client::open(info).map_err(QueueError::redis("parse INFERQ_REDIS_URL"));
+        }
+        tls_provider();
+        match &self.tls {
+            Some(tls) => redis::Client::build_with_tls(info, tls.certificates()),
+            None => redis::Client::open(info),
+        }
+        .map_err(QueueError::redis("set up TLS for INFERQ_REDIS_URL"))
     }
 
     /// A pub/sub connection (to the first node).
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, QueueError> {
-        let client = Self::client(self.first_url())?;
+        let client = self.client(self.first_url())?;
         client
             .get_async_pubsub()
             .await
