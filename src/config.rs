@@ -307,6 +307,65 @@ pub struct Settings {
     )]
     pub max_poll_wait_s: u64,
 
+    /// Time (ms) a client has to send a request's headers; an idle keep-alive
+    /// connection is closed after it too, so trickled headers cannot hold a slot.
+    #[arg(
+        long,
+        env = "INFERQ_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true,
+        help_heading = heading::HTTP
+    )]
+    pub header_timeout_ms: u64,
+
+    /// Time (ms) a client has to send a whole request body once its headers are in.
+    /// Past it the request is answered 408 and the connection closed, so a body
+    /// trickled a byte at a time cannot hold a connection or a sync-infer slot.
+    #[arg(
+        long,
+        env = "INFERQ_BODY_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true,
+        help_heading = heading::HTTP
+    )]
+    pub body_timeout_ms: u64,
+
+    /// Open connections to the front door at once; more wait in the listen backlog.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_CONNECTIONS",
+        default_value_t = 4096,
+        global = true,
+        help_heading = heading::HTTP
+    )]
+    pub max_connections: usize,
+
+    /// Open connections from one peer address at once; more are closed as soon as
+    /// they are accepted, so one host cannot take every connection slot. 0: no cap
+    /// per peer (behind a proxy, which is then the only peer).
+    #[arg(
+        long,
+        env = "INFERQ_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 256,
+        global = true,
+        help_heading = heading::HTTP
+    )]
+    pub max_connections_per_peer: usize,
+
+    /// Request-body bytes the front door holds at once, over all requests (a
+    /// declared Content-Length counts in full from the start). A request that would
+    /// pass it is answered 503 with Retry-After instead of growing memory; decoding
+    /// takes a few times the body on top, so size this at a fraction of the memory
+    /// limit. At least INFERQ_MAX_BODY_BYTES.
+    #[arg(
+        long,
+        env = "INFERQ_MAX_INFLIGHT_BYTES",
+        default_value_t = 64 << 20,
+        global = true,
+        help_heading = heading::HTTP
+    )]
+    pub max_inflight_bytes: usize,
+
     /// Allowed CORS origin (`*` for any); unset means no CORS headers.
     #[arg(
         long,
@@ -473,6 +532,28 @@ impl Settings {
         }
         positive(self.max_entry_bytes as u64, "INFERQ_MAX_ENTRY_BYTES")?;
         positive(self.embedded_maxmemory_mb, "INFERQ_EMBEDDED_MAXMEMORY_MB")?;
+        // Deadlines are added to the clock: bounded, so that can never overflow.
+        let at_most = |v: u64, max: u64, name: &str| {
+            if v > max {
+                Err(format!("{name} must be at most {max}"))
+            } else {
+                Ok(())
+            }
+        };
+        for (v, name) in [
+            (self.header_timeout_ms, "INFERQ_HEADER_TIMEOUT_MS"),
+            (self.body_timeout_ms, "INFERQ_BODY_TIMEOUT_MS"),
+        ] {
+            positive(v, name)?;
+            at_most(v, 3_600_000, name)?;
+        }
+        positive(self.max_connections as u64, "INFERQ_MAX_CONNECTIONS")?;
+        if self.max_inflight_bytes < self.max_body_bytes {
+            return Err(format!(
+                "INFERQ_MAX_INFLIGHT_BYTES ({}) must be at least INFERQ_MAX_BODY_BYTES ({}), or no body of the largest size is ever accepted",
+                self.max_inflight_bytes, self.max_body_bytes
+            ));
+        }
         if let Some(url) = &self.redis_url {
             for u in url.split(',') {
                 let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
@@ -613,6 +694,11 @@ impl fmt::Debug for Settings {
             .field("max_entry_fields", &self.max_entry_fields)
             .field("max_entry_bytes", &self.max_entry_bytes)
             .field("max_poll_wait_s", &self.max_poll_wait_s)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("body_timeout_ms", &self.body_timeout_ms)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("cors_origin", &self.cors_origin)
             .field("dlq_retention_s", &self.dlq_retention_s)
             .field("data_dir", &self.data_dir)

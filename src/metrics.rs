@@ -10,12 +10,13 @@ use prometheus::{
 };
 
 /// The `reason` values of `inferq_jobs_rejected_total` (what the front door refuses).
-pub const REJECTION_REASONS: [&str; 5] = [
+pub const REJECTION_REASONS: [&str; 6] = [
     "invalid",
     "too_large",
     "queue_full",
     "unauthorized",
     "unavailable",
+    "timeout",
 ];
 
 /// The `op` values of `inferq_redis_errors_total`: the pipeline's reads and result
@@ -126,6 +127,10 @@ pub struct Metrics {
     pub batches: IntCounterVec,
     /// HTTP requests by route template and status.
     pub http_duration: HistogramVec,
+    /// Connections closed as soon as accepted, by reason (`per_peer`).
+    pub http_connections_refused: IntCounterVec,
+    /// Request-body bytes held by requests in flight (against INFERQ_MAX_INFLIGHT_BYTES).
+    pub http_body_bytes_in_flight: IntGauge,
     /// 1 when this process' last Redis ping answered, else 0 (sampled with the depth).
     pub redis_up: IntGauge,
     /// Build information (value 1).
@@ -335,6 +340,16 @@ impl Metrics {
                 "HTTP request duration by route template and status.",
                 &["route", "status"],
                 HTTP_BUCKETS,
+            ),
+            http_connections_refused: counter(
+                &r,
+                "inferq_http_connections_refused_total",
+                "Connections closed as soon as accepted, by reason (per_peer: over INFERQ_MAX_CONNECTIONS_PER_PEER).",
+                &["reason"],
+            ),
+            http_body_bytes_in_flight: igauge(
+                "inferq_http_body_bytes_in_flight",
+                "Request-body bytes held by requests in flight at the front door.",
             ),
             redis_up: igauge(
                 "inferq_redis_up",

@@ -11,7 +11,6 @@ use common::http::{
     Gateway, GatewayOptions, RawResp, infer_body, read_response, write_lenient, xlen,
 };
 use common::{RedisServer, Reference, TempRegistry};
-use inferq::api::ServerLimits;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,11 +20,7 @@ const LIMIT: usize = 4096;
 
 /// A valid tutorial-rf submit padded with trailing spaces to exactly `len` bytes.
 fn padded_body(len: usize) -> Vec<u8> {
-    let r = Reference::load(RF);
-    let mut body = infer_body(&r.input_rows(0..1), json!({})).into_bytes();
-    assert!(body.len() <= len, "the row alone is {} bytes", body.len());
-    body.resize(len, b' ');
-    body
+    common::http::padded_body(&Reference::load(RF), len)
 }
 
 fn head(path: &str, extra: &str) -> String {
@@ -48,13 +43,8 @@ async fn closed_or_resynced(mut s: TcpStream, rest: &[u8]) {
 
 fn assert_413(r: Option<RawResp>, what: &str) {
     let r = r.unwrap_or_else(|| panic!("{what}: connection closed without a response"));
-    assert_eq!(r.status, 413, "{what}: {r:?}");
-    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON error body");
-    assert_eq!(v["kind"], "too_large", "{what}: {v}");
-    assert!(
-        v["error"].as_str().is_some_and(|e| e.contains("4096")),
-        "{what}: {v}"
-    );
+    let msg = r.expect_error(413, "too_large");
+    assert!(msg.contains("4096"), "{what}: {msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,14 +209,7 @@ async fn time_to_close(s: &mut TcpStream, trickle: bool, within: Duration) -> Op
 async fn slowloris_headers_and_idle_connections_are_cut_at_the_header_timeout() {
     let redis = RedisServer::start();
     let reg = TempRegistry::with_models(&[RF]);
-    let opts = GatewayOptions {
-        limits: ServerLimits {
-            header_timeout: Duration::from_millis(500),
-            ..GatewayOptions::default().limits
-        },
-        ..GatewayOptions::default()
-    };
-    let gw = Gateway::start_with(&redis, &reg, &[], opts).await;
+    let gw = Gateway::start(&redis, &reg, &["--header-timeout-ms", "500"]).await;
 
     let mut s = TcpStream::connect(gw.addr).await.expect("connect");
     s.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: test\r\n")
@@ -256,14 +239,7 @@ async fn slowloris_headers_and_idle_connections_are_cut_at_the_header_timeout() 
 async fn connections_past_the_cap_wait_for_a_free_slot() {
     let redis = RedisServer::start();
     let reg = TempRegistry::with_models(&[RF]);
-    let opts = GatewayOptions {
-        limits: ServerLimits {
-            max_connections: 2,
-            ..GatewayOptions::default().limits
-        },
-        ..GatewayOptions::default()
-    };
-    let gw = Gateway::start_with(&redis, &reg, &[], opts).await;
+    let gw = Gateway::start(&redis, &reg, &["--max-connections", "2"]).await;
     let get = b"GET /v2/health/live HTTP/1.1\r\nhost: test\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..2 {

@@ -30,6 +30,9 @@ pub enum ApiError {
     /// Body or tensor over its cap (413).
     #[error("{0}")]
     TooLarge(String),
+    /// The request body did not arrive in time (408; the connection is closed).
+    #[error("{0}")]
+    Timeout(String),
     /// Backlog over `max_queue`, or too many waiting requests (429).
     #[error("{0}")]
     Busy(String),
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::JobFailed { kind, .. } => match kind.as_str() {
@@ -80,6 +84,7 @@ impl ApiError {
             ApiError::Method(_) => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::Timeout(_) => "timeout",
             ApiError::Busy(_) => "queue_full",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::JobFailed { kind, .. } => kind,

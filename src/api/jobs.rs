@@ -9,7 +9,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode};
 use serde_json::json;
 
-use super::{ApiError, App, Reply, json, read_body};
+use super::limits::{ReadBody, read_body};
+use super::{ApiError, App, Reply, json};
 use crate::metrics::metrics;
 use crate::producer::{Accepted, JobRequest};
 use crate::protocol::job::{self, JobRecord};
@@ -20,22 +21,31 @@ fn status_url(model: &str, id: &str) -> String {
     format!("/v1/models/{model}/jobs/{id}")
 }
 
+/// A submit whose body has arrived: what the producer needs from the request, and
+/// the body's share of the in-flight budget (held until the submit is done).
+#[derive(Debug)]
+struct ReadJob<'a> {
+    read: ReadBody<'a>,
+    id: Option<String>,
+    traceparent: Option<String>,
+}
+
 impl App {
-    /// Reads the body and hands it to the producer (validation, atomic enqueue).
-    async fn enqueue<B>(
+    /// Checks the model, then reads the body (deadline, size cap, byte budget).
+    async fn read_job<B>(
         &self,
         model: &str,
         version: Option<u64>,
         req: Request<B>,
-    ) -> Result<Accepted, ApiError>
+    ) -> Result<ReadJob<'_>, ApiError>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         self.producer.manifest(model, version)?;
-        let (parts, body) = read_body(req, self.cfg.max_body_bytes).await?;
+        let read = read_body(req, self.body_limits()).await?;
         let header = |name: &str| {
-            parts
+            read.parts
                 .headers
                 .get(name)
                 .map(|v| v.to_str().map(str::to_owned))
@@ -50,14 +60,28 @@ impl App {
             None => None,
         };
         let traceparent = header("traceparent").and_then(Result::ok);
+        Ok(ReadJob {
+            read,
+            id,
+            traceparent,
+        })
+    }
+
+    /// Hands a read body to the producer (validation, atomic enqueue).
+    async fn enqueue(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        job: ReadJob<'_>,
+    ) -> Result<Accepted, ApiError> {
         Ok(self
             .producer
             .submit(JobRequest {
                 model,
                 version,
-                body: &body,
-                id,
-                traceparent,
+                body: &job.read.body,
+                id: job.id,
+                traceparent: job.traceparent,
             })
             .await?)
     }
@@ -72,7 +96,8 @@ impl App {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let a = self.enqueue(model, None, req).await?;
+        let job = self.read_job(model, None, req).await?;
+        let a = self.enqueue(model, None, job).await?;
         if !a.created {
             return self.get_job(model, &a.id, None).await;
         }
@@ -146,9 +171,11 @@ impl App {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        // The waiter slot first: a sync infer refused for want of one enqueues nothing.
+        let job = self.read_job(model, version, req).await?;
+        // The waiter slot once the body is in (a slow body holds none), and before the
+        // enqueue (a sync infer refused for want of one enqueues nothing).
         let _permit = self.waiter_permit()?;
-        let a = self.enqueue(model, version, req).await?;
+        let a = self.enqueue(model, version, job).await?;
         let record = self.wait_for(&a.keys, &a.id, self.cfg.sync_timeout).await?;
         let record = record.ok_or_else(|| {
             ApiError::NotFound(format!("job `{}` vanished (Redis lost it)", a.id))

@@ -6,6 +6,7 @@
 
 mod error;
 mod jobs;
+mod limits;
 mod meta;
 
 use std::convert::Infallible;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use error::ApiError;
+use limits::{BodyBudget, BodyLimits, PeerCounts};
 pub use meta::ops;
 
 use crate::config::Settings;
@@ -56,6 +58,10 @@ pub struct ApiConfig {
     pub cors_origin: Option<String>,
     /// Concurrent long-polls and sync infers allowed.
     pub max_waiters: usize,
+    /// Time to send a whole body once the headers are in (408 past it).
+    pub body_timeout: Duration,
+    /// Body bytes all requests together may hold at once (503 past it).
+    pub max_inflight_bytes: usize,
 }
 
 impl ApiConfig {
@@ -71,6 +77,8 @@ impl ApiConfig {
             result_ttl_s: s.result_ttl_s,
             cors_origin: s.cors_origin.clone(),
             max_waiters: 10_000,
+            body_timeout: Duration::from_millis(s.body_timeout_ms),
+            max_inflight_bytes: s.max_inflight_bytes,
         }
     }
 }
@@ -83,6 +91,7 @@ pub struct App {
     conn: Conn,
     notifier: Notifier,
     waiters: Semaphore,
+    bodies: BodyBudget,
     started: Instant,
     requests: AtomicU64,
 }
@@ -102,6 +111,7 @@ impl App {
         App {
             producer,
             waiters: Semaphore::new(cfg.max_waiters),
+            bodies: BodyBudget::new(cfg.max_inflight_bytes),
             cfg,
             conn,
             notifier,
@@ -184,6 +194,20 @@ impl App {
         resp
     }
 
+    /// Request-body bytes held by requests in flight now (INFERQ_MAX_INFLIGHT_BYTES).
+    pub fn body_bytes_in_flight(&self) -> usize {
+        self.bodies.used()
+    }
+
+    /// How this app reads request bodies.
+    fn body_limits(&self) -> BodyLimits<'_> {
+        BodyLimits {
+            max_bytes: self.cfg.max_body_bytes,
+            timeout: self.cfg.body_timeout,
+            budget: &self.bodies,
+        }
+    }
+
     /// Requires a valid API key when keys are configured; health routes are open.
     fn authorize<B>(&self, req: &Request<B>) -> Result<(), ApiError> {
         if self.cfg.api_keys.is_empty() {
@@ -243,66 +267,10 @@ impl ApiError {
             ApiError::Busy(_) => "queue_full",
             ApiError::Unauthorized | ApiError::Forbidden => "unauthorized",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Timeout(_) => "timeout",
             ApiError::Method(_) | ApiError::JobFailed { .. } => return None,
         })
     }
-}
-
-/// Reads a body up to `limit` bytes: 413 past it (by Content-Length or while streaming).
-async fn read_body<B>(
-    req: Request<B>,
-    limit: usize,
-) -> Result<(hyper::http::request::Parts, Bytes), ApiError>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let too_large = || ApiError::TooLarge(format!("request body over the limit of {limit} bytes"));
-    // An oversized body is read and dropped up to this much, as long as it keeps
-    // arriving, so a client still sending gets its 413 instead of a reset connection;
-    // beyond the cap, or when the client pauses, the answer goes at once.
-    let drain_cap = limit.saturating_mul(4).min(64 << 20);
-    let drain_pause = Duration::from_millis(200);
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > drain_cap) {
-        return Err(too_large());
-    }
-    let (parts, body) = req.into_parts();
-    let mut body = std::pin::pin!(body);
-    let mut buf = bytes::BytesMut::new();
-    let mut seen = 0usize;
-    let over = declared.is_some_and(|len| len > limit);
-    loop {
-        let next = if over || seen > limit {
-            match tokio::time::timeout(drain_pause, body.frame()).await {
-                Ok(next) => next,
-                Err(_) => return Err(too_large()),
-            }
-        } else {
-            body.frame().await
-        };
-        let Some(frame) = next else { break };
-        let frame = frame.map_err(|e| {
-            ApiError::Invalid(format!("cannot read the request body: {}", e.into()))
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        seen = seen.saturating_add(data.len());
-        if seen > drain_cap {
-            return Err(too_large());
-        }
-        if seen <= limit {
-            buf.extend_from_slice(&data);
-        }
-    }
-    if seen > limit {
-        return Err(too_large());
-    }
-    Ok((parts, buf.freeze()))
 }
 
 /// A JSON response.
@@ -329,6 +297,9 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Open connections at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Open connections from one peer address at once; more are closed when
+    /// accepted. 0: no cap.
+    pub max_connections_per_peer: usize,
     /// How long shutdown waits for open requests.
     pub drain: Duration,
 }
@@ -338,7 +309,20 @@ impl Default for ServerLimits {
         ServerLimits {
             header_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            max_connections_per_peer: 256,
             drain: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerLimits {
+    /// The public listener's limits from the settings.
+    pub fn from_settings(s: &Settings) -> ServerLimits {
+        ServerLimits {
+            header_timeout: Duration::from_millis(s.header_timeout_ms),
+            max_connections: s.max_connections,
+            max_connections_per_peer: s.max_connections_per_peer,
+            drain: Duration::from_millis(s.drain_timeout_ms),
         }
     }
 }
@@ -355,13 +339,14 @@ pub async fn serve<H, F>(
     F: std::future::Future<Output = Reply> + Send + 'static,
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = PeerCounts::new(limits.max_connections_per_peer);
     let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => break,
             p = Arc::clone(&connections).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
             () = stop.cancelled() => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -372,11 +357,21 @@ pub async fn serve<H, F>(
                 }
             },
         };
+        // Closed at once, before any byte is read: an over-cap peer costs no task.
+        let Some(slot) = peers.enter(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: the peer is at INFERQ_MAX_CONNECTIONS_PER_PEER");
+            metrics()
+                .http_connections_refused
+                .with_label_values(&["per_peer"])
+                .inc();
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, slot);
             let service = hyper::service::service_fn(move |req| {
                 let fut = handler(req);
                 async move { Ok::<_, Infallible>(fut.await) }

@@ -175,10 +175,7 @@ async fn run_parts(
             )
             .await?,
         );
-        let limits = ServerLimits {
-            drain: Duration::from_millis(settings.drain_timeout_ms),
-            ..ServerLimits::default()
-        };
+        let limits = ServerLimits::from_settings(settings);
         let handler = move |req| {
             let app = Arc::clone(&app);
             async move { app.handle(req).await }

@@ -50,24 +50,13 @@ pub fn settings(redis: &RedisServer, registry: &TempRegistry, args: &[&str]) -> 
 }
 
 /// What to change in a test gateway besides its settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GatewayOptions {
-    /// Server limits (header timeout, connection cap, drain).
-    pub limits: ServerLimits,
+    /// Server limits (header timeout, connection caps, drain); `None`: from the
+    /// settings, as `inferq gateway` takes them, with a 2 s drain.
+    pub limits: Option<ServerLimits>,
     /// Overrides `ApiConfig::max_waiters` (concurrent long-polls and sync infers).
     pub max_waiters: Option<usize>,
-}
-
-impl Default for GatewayOptions {
-    fn default() -> Self {
-        GatewayOptions {
-            limits: ServerLimits {
-                drain: Duration::from_secs(2),
-                ..ServerLimits::default()
-            },
-            max_waiters: None,
-        }
-    }
 }
 
 /// An in-process gateway on a loopback port; stopped on drop.
@@ -132,7 +121,11 @@ impl Gateway {
             let app = Arc::clone(&served);
             async move { app.handle(req).await }
         };
-        tokio::spawn(api::serve(listener, handler, opts.limits, stop.clone()));
+        let limits = opts.limits.unwrap_or(ServerLimits {
+            drain: Duration::from_secs(2),
+            ..ServerLimits::from_settings(&settings)
+        });
+        tokio::spawn(api::serve(listener, handler, limits, stop.clone()));
         wait_psubscribed(&mut probe, subscribed).await;
         Gateway {
             addr,
@@ -150,18 +143,15 @@ impl Gateway {
 
     /// Waits until exactly `n` jobs have long-poll (or sync infer) waiters.
     pub async fn wait_waiters(&self, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let now = self.notifier.waiting();
-            if now == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {n} jobs with waiters within {timeout:?}, have {now}"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_count("jobs with waiters", n, timeout, || self.notifier.waiting()).await;
+    }
+
+    /// Waits until the app holds exactly `n` request-body bytes in flight.
+    pub async fn wait_body_bytes(&self, n: usize, timeout: Duration) {
+        wait_count("body bytes in flight", n, timeout, || {
+            self.app.body_bytes_in_flight()
+        })
+        .await;
     }
 
     /// Stops accepting and cancels the notifier.
@@ -173,6 +163,22 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Waits until `count()` is `n`, failing the test after `timeout`.
+async fn wait_count(what: &str, n: usize, timeout: Duration, count: impl Fn() -> usize) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = count();
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} {what} within {timeout:?}, have {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -432,6 +438,26 @@ pub struct RawResp {
     pub head: String,
     /// The body (by Content-Length).
     pub body: Vec<u8>,
+}
+
+impl RawResp {
+    /// Asserts a JSON error response with `status` and `kind`; returns its text.
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, kind: &str) -> String {
+        assert_eq!(self.status, status, "{self:?}");
+        let v: Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("the error body is not JSON ({e}): {self:?}"));
+        assert_eq!(v["kind"], kind, "{v}");
+        v["error"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// A valid submit for reference row 0, padded with trailing spaces to `len` bytes.
+pub fn padded_body(r: &super::Reference, len: usize) -> Vec<u8> {
+    let mut body = infer_body(&r.input_rows(0..1), serde_json::json!({})).into_bytes();
+    assert!(body.len() <= len, "the row alone is {} bytes", body.len());
+    body.resize(len, b' ');
+    body
 }
 
 /// Reads one response (status line, headers, Content-Length body) from `stream`,
