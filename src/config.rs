@@ -346,7 +346,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "INFERQ_MAX_CONNECTIONS_PER_PEER",
-        default_value_t = 256,
+        default_value_t = 1024,
         global = true,
         help_heading = heading::HTTP
     )]

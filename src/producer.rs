@@ -1,13 +1,14 @@
 //! The producer side, shared by the HTTP front door and the CLI (`submit`, `bench`):
 //! check a request against the model's signature, then enqueue it atomically.
-//! Nothing is written when any check fails.
+//! Nothing is written when any check fails; when Redis does not confirm the write,
+//! the caller learns the job id it may be queued under ([`ProduceError::Unconfirmed`]).
 
 use crate::metrics::metrics;
 use crate::protocol::job::{self, JobEntry, Payload};
 use crate::protocol::oip;
 use crate::queue::submit::{self as q, SubmitMeta, Submitted};
 use crate::queue::{Conn, Keys, QueueError};
-use crate::registry::{Manifest, RegistryCache, RegistryError, sha256_hex, valid_name};
+use crate::registry::{Manifest, RegistryCache, RegistryError, valid_name};
 use crate::runtime::InvalidInput;
 
 /// Why a job was not enqueued.
@@ -31,9 +32,22 @@ pub enum ProduceError {
     /// The registry could not be read.
     #[error("{0}")]
     Registry(RegistryError),
-    /// Redis failed.
+    /// Redis failed before the job could be enqueued: nothing was written.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// Redis did not confirm the enqueue (a timeout, or a connection lost after the
+    /// request went out), so the job may be queued or not (AUDIT D6). Its id says
+    /// which once Redis answers again; a resubmit with the same id and body cannot
+    /// make a second job.
+    #[error(
+        "Redis did not confirm the enqueue of job `{id}` ({source}): it may or may not be queued; look it up by its id, or submit again with the same id and body (that cannot create a second job)"
+    )]
+    Unconfirmed {
+        /// The job id the enqueue used.
+        id: String,
+        /// What went wrong (boxed: it is rare, and the error stays small).
+        source: Box<QueueError>,
+    },
 }
 
 impl From<RegistryError> for ProduceError {
@@ -47,11 +61,45 @@ impl From<RegistryError> for ProduceError {
     }
 }
 
+/// Which way a job was submitted. Part of its idempotency fingerprint with the
+/// version, so an id reused on another route or version is a conflict, not silently
+/// the same job (AUDIT D9).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Route {
+    /// Asynchronous: `POST /v1/models/{m}/jobs` and `inferq submit`.
+    #[default]
+    Jobs,
+    /// Synchronous: `POST /v2/models/{m}[/versions/{v}]/infer`.
+    Infer,
+}
+
+impl Route {
+    /// The word the fingerprint uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Jobs => "jobs",
+            Route::Infer => "infer",
+        }
+    }
+}
+
+/// sha256 (hex) of what makes two submits of one id the same job: the route, the
+/// resolved version and the body, exactly as sent.
+pub fn fingerprint(route: Route, version: u64, body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("{} {version}\n", route.as_str()).as_bytes());
+    h.update(body);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One job to enqueue.
 #[derive(Debug, Clone, Default)]
 pub struct JobRequest<'a> {
     /// Model name.
     pub model: &'a str,
+    /// The route it came by (part of the idempotency fingerprint).
+    pub route: Route,
     /// Version; `None` resolves the default now (and records it).
     pub version: Option<u64>,
     /// OIP v2 JSON body (or the `features` shorthand), with optional `id`,
@@ -157,7 +205,7 @@ impl Producer {
                 keys.reply_prefix()
             )));
         }
-        let body_sha = sha256_hex(req.body);
+        let body_sha = fingerprint(req.route, manifest.version, req.body);
         let entry = JobEntry {
             id: id.clone(),
             payload: Payload::Json(req.body.to_vec()),
@@ -173,7 +221,18 @@ impl Producer {
             version: manifest.version,
         };
         let mut conn = self.conn.clone();
-        match q::submit(&mut conn, &keys, &entry, &meta).await? {
+        let submitted = match q::submit(&mut conn, &keys, &entry, &meta).await {
+            Ok(s) => s,
+            Err(source) if source.may_have_run() => {
+                tracing::warn!(model = req.model, id = %id, error = %source, "enqueue not confirmed; the job may be queued");
+                return Err(ProduceError::Unconfirmed {
+                    id,
+                    source: Box::new(source),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match submitted {
             Submitted::Created(_) => {
                 metrics()
                     .jobs_submitted

@@ -135,6 +135,9 @@ impl From<ProduceError> for ApiError {
             ProduceError::QueueFull(m) => ApiError::Busy(m),
             ProduceError::Registry(e) => e.into(),
             ProduceError::Queue(e) => e.into(),
+            // The submit routes answer this with 202 and the id before it gets here;
+            // whoever else meets it must not claim that nothing was enqueued.
+            e @ ProduceError::Unconfirmed { .. } => ApiError::Unavailable(e.to_string()),
         }
     }
 }

@@ -12,13 +12,51 @@ use serde_json::json;
 use super::limits::{ReadBody, read_body};
 use super::{ApiError, App, Reply, json};
 use crate::metrics::metrics;
-use crate::producer::{Accepted, JobRequest};
+use crate::producer::{Accepted, JobRequest, ProduceError, Route};
 use crate::protocol::job::{self, JobRecord};
 use crate::queue::Keys;
 use crate::queue::submit::{self as q, Cancelled};
 
 fn status_url(model: &str, id: &str) -> String {
     format!("/v1/models/{model}/jobs/{id}")
+}
+
+/// 202 with the job's id and status URL (also as `Location`), plus `extra` members.
+fn accepted(model: &str, id: &str, extra: serde_json::Value) -> Reply {
+    let url = status_url(model, id);
+    let mut body = json!({ "id": id, "status_url": url });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let mut r = json(StatusCode::ACCEPTED, body.to_string());
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// The answer to a submit Redis did not confirm (AUDIT D6): the job may be queued,
+/// so the client gets its id to look it up, never "nothing was enqueued".
+fn unconfirmed(model: &str, id: &str) -> Reply {
+    let message = format!(
+        "Redis did not confirm the enqueue in time: the job may or may not be queued. \
+         Poll the status URL (once Redis answers again, 404 means it was not queued), or \
+         submit again with `Idempotency-Key: {id}` and the same body, which cannot create a second job."
+    );
+    accepted(
+        model,
+        id,
+        json!({ "status": "unknown", "message": message }),
+    )
+}
+
+/// What an enqueue came to.
+#[derive(Debug)]
+enum Enqueued {
+    /// Redis answered: the job is queued (new, or the same job again).
+    Done(Accepted),
+    /// Redis did not answer: the job with this id may be queued.
+    Unconfirmed(String),
 }
 
 /// A submit whose body has arrived: what the producer needs from the request, and
@@ -72,18 +110,25 @@ impl App {
         &self,
         model: &str,
         version: Option<u64>,
+        route: Route,
         job: ReadJob<'_>,
-    ) -> Result<Accepted, ApiError> {
-        Ok(self
+    ) -> Result<Enqueued, ApiError> {
+        let submitted = self
             .producer
             .submit(JobRequest {
                 model,
+                route,
                 version,
                 body: &job.read.body,
                 id: job.id,
                 traceparent: job.traceparent,
             })
-            .await?)
+            .await;
+        match submitted {
+            Ok(a) => Ok(Enqueued::Done(a)),
+            Err(ProduceError::Unconfirmed { id, .. }) => Ok(Enqueued::Unconfirmed(id)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// `POST /v1/models/{m}/jobs`: 202 with the status URL; the same id and body again: 200.
@@ -97,19 +142,14 @@ impl App {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let job = self.read_job(model, None, req).await?;
-        let a = self.enqueue(model, None, job).await?;
+        let a = match self.enqueue(model, None, Route::Jobs, job).await? {
+            Enqueued::Done(a) => a,
+            Enqueued::Unconfirmed(id) => return Ok(unconfirmed(model, &id)),
+        };
         if !a.created {
             return self.get_job(model, &a.id, None).await;
         }
-        let url = status_url(model, &a.id);
-        let mut r = json(
-            StatusCode::ACCEPTED,
-            json!({ "id": a.id, "status": "queued", "status_url": url }).to_string(),
-        );
-        if let Ok(v) = HeaderValue::from_str(&url) {
-            r.headers_mut().insert(header::LOCATION, v);
-        }
-        Ok(r)
+        Ok(accepted(model, &a.id, json!({ "status": "queued" })))
     }
 
     /// `GET /v1/models/{m}/jobs/{id}[?wait=S]`: the record, waiting up to S seconds
@@ -175,8 +215,22 @@ impl App {
         // The waiter slot once the body is in (a slow body holds none), and before the
         // enqueue (a sync infer refused for want of one enqueues nothing).
         let _permit = self.waiter_permit()?;
-        let a = self.enqueue(model, version, job).await?;
-        let record = self.wait_for(&a.keys, &a.id, self.cfg.sync_timeout).await?;
+        let a = match self.enqueue(model, version, Route::Infer, job).await? {
+            Enqueued::Done(a) => a,
+            Enqueued::Unconfirmed(id) => return Ok(unconfirmed(model, &id)),
+        };
+        let record = match self.wait_for(&a.keys, &a.id, self.cfg.sync_timeout).await {
+            Ok(record) => record,
+            // The job is queued: a failed wait must not read as a failed submit.
+            Err(ApiError::Unavailable(why)) => {
+                let message = format!(
+                    "the job is queued, but waiting for its result failed ({why}); poll the status URL"
+                );
+                let extra = json!({ "status": "queued", "message": message });
+                return Ok(accepted(model, &a.id, extra));
+            }
+            Err(e) => return Err(e),
+        };
         let record = record.ok_or_else(|| {
             ApiError::NotFound(format!("job `{}` vanished (Redis lost it)", a.id))
         })?;
@@ -190,17 +244,7 @@ impl App {
                     .unwrap_or_else(|| format!("job {}", s.as_str())),
                 kind: record.error_kind.unwrap_or_else(|| s.as_str().to_owned()),
             }),
-            (s, _) => {
-                let url = status_url(model, &a.id);
-                let mut r = json(
-                    StatusCode::ACCEPTED,
-                    json!({ "id": a.id, "status": s.as_str(), "status_url": url }).to_string(),
-                );
-                if let Ok(v) = HeaderValue::from_str(&url) {
-                    r.headers_mut().insert(header::LOCATION, v);
-                }
-                Ok(r)
-            }
+            (s, _) => Ok(accepted(model, &a.id, json!({ "status": s.as_str() }))),
         }
     }
 

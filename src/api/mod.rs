@@ -309,7 +309,7 @@ impl Default for ServerLimits {
         ServerLimits {
             header_timeout: Duration::from_secs(10),
             max_connections: 4096,
-            max_connections_per_peer: 256,
+            max_connections_per_peer: 1024,
             drain: Duration::from_secs(30),
         }
     }

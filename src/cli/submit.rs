@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::Outcome;
 use crate::config::Settings;
-use crate::producer::{JobRequest, Producer};
+use crate::producer::{JobRequest, Producer, Route};
 use crate::protocol::job::{JobRecord, Status};
 use crate::queue::submit as q;
 use crate::registry::{Registry, RegistryCache};
@@ -93,6 +93,8 @@ pub(super) fn run(settings: &Settings, args: SubmitArgs) -> anyhow::Result<Outco
         );
         let request = JobRequest {
             model: &args.model,
+            // The CLI submits as the jobs route does: the same id there is the same job.
+            route: Route::Jobs,
             version: args.version,
             body: body.as_bytes(),
             id: args.id.clone(),

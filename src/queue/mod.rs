@@ -82,6 +82,20 @@ impl QueueError {
         }
     }
 
+    /// True when a command may have run although no answer came back: a timeout, or
+    /// a connection lost once the request may have gone out, or an answer inferq cannot
+    /// read. False when Redis answered with an error (OOM, a script error: it did not
+    /// run) and when no connection could be opened (nothing was sent).
+    pub fn may_have_run(&self) -> bool {
+        match self {
+            QueueError::Redis { source, .. } => {
+                source.is_io_error() && !source.is_connection_refusal()
+            }
+            QueueError::Protocol(_) => true,
+            QueueError::OutOfMemory(_) | QueueError::Config(_) => false,
+        }
+    }
+
     /// True when the stream or its group vanished (Redis restarted without persistence).
     pub fn is_nogroup(&self) -> bool {
         matches!(self, QueueError::Redis { source, .. } if source.code() == Some("NOGROUP"))

@@ -57,6 +57,8 @@ pub struct GatewayOptions {
     pub limits: Option<ServerLimits>,
     /// Overrides `ApiConfig::max_waiters` (concurrent long-polls and sync infers).
     pub max_waiters: Option<usize>,
+    /// The gateway's Redis response timeout; `None`: 10 s, as `inferq gateway` has.
+    pub redis_timeout: Option<Duration>,
 }
 
 /// An in-process gateway on a loopback port; stopped on drop.
@@ -101,7 +103,7 @@ impl Gateway {
         let subscribed = psubscribers(&mut probe).await;
         let stop = CancellationToken::new();
         let conn = target
-            .connect(Duration::from_secs(10))
+            .connect(opts.redis_timeout.unwrap_or(Duration::from_secs(10)))
             .await
             .unwrap_or_else(|e| panic!("gateway cannot reach {}: {e}", redis.url()));
         let notifier = Notifier::default();
