@@ -1,7 +1,8 @@
 //! The private `redis-server` that `inferq serve` starts when no Redis is configured:
 //! a unix socket under the data directory, append-only file with `appendfsync always`
 //! (no acknowledged job lost on a crash), `noeviction` under a `maxmemory` (without
-//! one the policy never acts). Stopped when `serve` exits.
+//! one the policy never acts). Stopped when `serve` exits. One `serve` per data
+//! directory: a second one refuses to start.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +15,42 @@ use tokio::process::{Child, Command};
 pub struct EmbeddedRedis {
     child: Child,
     socket: PathBuf,
+    /// The data directory's lock, held for as long as this Redis runs.
+    _lock: std::fs::File,
+}
+
+/// Locks `dir` for one `serve` (AUDIT D16): a second one there would unlink the
+/// first one's socket and open the same append-only file. The lock is the kernel's
+/// (flock), so it goes with the process however it ends, and the file keeps the
+/// holder's pid for the message.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::io::Write;
+    let path = dir.join("serve.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(format!(
+                "another `inferq serve` (pid {}) is using the data directory {}: stop it, or give this one a directory of its own with --data-dir (INFERQ_DATA_DIR)",
+                pid.trim(),
+                dir.display()
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("cannot lock {}: {e}", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| write!(file, "{}", std::process::id()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(file)
 }
 
 impl EmbeddedRedis {
@@ -30,7 +67,17 @@ impl EmbeddedRedis {
         let dir = data_dir
             .canonicalize()
             .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        // Before anything in the directory is touched.
+        let lock = lock_data_dir(&dir)?;
         let socket = dir.join("redis.sock");
+        // A redis-server left running by a serve that was killed holds the same files.
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Err(format!(
+                "a redis-server still listens on {} (left by an `inferq serve` that was killed?): stop it (redis-cli -s {} shutdown) before starting serve there",
+                socket.display(),
+                socket.display()
+            ));
+        }
         let _ = std::fs::remove_file(&socket);
         let child = Command::new("redis-server")
             .arg("--port").arg("0")
@@ -55,7 +102,11 @@ impl EmbeddedRedis {
                     format!("cannot start redis-server: {e}")
                 }
             })?;
-        let mut redis = EmbeddedRedis { child, socket };
+        let mut redis = EmbeddedRedis {
+            child,
+            socket,
+            _lock: lock,
+        };
         let started = Instant::now();
         loop {
             if let Ok(client) = redis::Client::open(redis.url())

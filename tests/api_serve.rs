@@ -14,11 +14,22 @@ use std::time::{Duration, Instant};
 use common::http::{Client, free_port};
 use common::{Reference, TempRegistry, inferq_command, model_path, run_ok};
 
-/// Kills the child on drop, so a failed assertion leaves no `inferq serve` running.
+/// Stops the child on drop, so a failed assertion leaves no `inferq serve` running:
+/// SIGTERM first (serve stops its redis-server, which a SIGKILL would orphan), SIGKILL
+/// after 10 s.
 struct Serve(Child);
 
 impl Drop for Serve {
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -61,6 +72,76 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
+/// `inferq serve` on free loopback ports with its stderr in `stderr`; returns it, its
+/// listen address and its metrics address.
+fn spawn_serve(
+    registry: &Path,
+    data_dir: &Path,
+    stderr: &tempfile::NamedTempFile,
+) -> (Serve, String, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let child = inferq_command()
+        .arg("serve")
+        .arg("--models")
+        .arg(registry)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", &listen, "--metrics-listen", &metrics])
+        .stdout(Stdio::piped())
+        .stderr(stderr.reopen().expect("log handle"))
+        .spawn()
+        .expect("start inferq serve");
+    (Serve(child), listen, metrics)
+}
+
+/// The child's exit status once it exits; `None` if it still runs after `timeout`.
+async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM (a clean stop: serve stops its redis-server too).
+fn sigterm(child: &Child) {
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+}
+
+/// Waits for the line of the banner that says where `serve` listens.
+fn wait_banner(out: &mpsc::Receiver<String>, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match out.recv_timeout(left) {
+            Ok(line) if line.starts_with("inferq serving on") => return,
+            Ok(_) => {}
+            Err(e) => panic!("no banner within 60 s ({e}); stderr:\n{}", log()),
+        }
+    }
+}
+
+/// A fresh data directory under /tmp (a unix socket path must stay short), and its
+/// canonical path.
+fn data_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let data = tempfile::Builder::new()
+        .prefix("inferq-serve-")
+        .tempdir_in("/tmp")
+        .expect("data dir");
+    let path = data.path().canonicalize().expect("canonical data dir");
+    (data, path)
+}
+
 fn add_model(registry: &Path) {
     let file = model_path("tutorial-rf");
     run_ok(
@@ -77,28 +158,9 @@ fn add_model(registry: &Path) {
 async fn serve_without_redis_prints_a_working_curl_and_stops_cleanly() {
     let registry = TempRegistry::empty();
     add_model(registry.path());
-    let data = tempfile::Builder::new()
-        .prefix("inferq-serve-")
-        .tempdir_in("/tmp")
-        .expect("data dir");
-    let data_dir = data.path().canonicalize().expect("canonical data dir");
-    let (port, metrics_port) = (free_port(), free_port());
-    let listen = format!("127.0.0.1:{port}");
-    let metrics = format!("127.0.0.1:{metrics_port}");
+    let (_data, data_dir) = data_dir();
     let stderr = tempfile::NamedTempFile::new().expect("log file");
-    let mut serve = Serve(
-        inferq_command()
-            .arg("serve")
-            .arg("--models")
-            .arg(registry.path())
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--listen", &listen, "--metrics-listen", &metrics])
-            .stdout(Stdio::piped())
-            .stderr(stderr.reopen().expect("log handle"))
-            .spawn()
-            .expect("start inferq serve"),
-    );
+    let (mut serve, listen, metrics) = spawn_serve(registry.path(), &data_dir, &stderr);
     let log = || std::fs::read_to_string(stderr.path()).unwrap_or_default();
     let out = lines(&mut serve.0);
 
@@ -219,24 +281,10 @@ async fn serve_without_redis_prints_a_working_curl_and_stops_cleanly() {
     ops.get("/v1/stats").await.expect_error(404, "not_found");
 
     // SIGTERM: exit 0, and the private redis-server is gone.
-    let pid = serve.0.id().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = serve.0.try_wait().expect("try_wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve still running 30 s after SIGTERM:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    sigterm(&serve.0);
+    let status = wait_exit(&mut serve.0, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("serve still running 30 s after SIGTERM:\n{}", log()));
     assert_eq!(
         status.code(),
         Some(0),
@@ -256,5 +304,97 @@ async fn serve_without_redis_prints_a_working_curl_and_stops_cleanly() {
     assert!(
         data_dir.join("appendonlydir").is_dir(),
         "redis kept its append-only file there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_the_same_data_directory_refuses_to_start() {
+    let registry = TempRegistry::empty();
+    add_model(registry.path());
+    let (_data, data_dir) = data_dir();
+    let first_err = tempfile::NamedTempFile::new().expect("log file");
+    let (mut first, listen, _) = spawn_serve(registry.path(), &data_dir, &first_err);
+    let first_log = || std::fs::read_to_string(first_err.path()).unwrap_or_default();
+    let out = lines(&mut first.0);
+    wait_banner(&out, first_log);
+
+    // Another serve, other ports, the same directory: it exits with a reason.
+    let second_err = tempfile::NamedTempFile::new().expect("log file");
+    let (mut second, _, _) = spawn_serve(registry.path(), &data_dir, &second_err);
+    let status = wait_exit(&mut second.0, Duration::from_secs(30)).await;
+    let second_log = std::fs::read_to_string(second_err.path()).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!("a second serve on the same data directory still runs after 30 s:\n{second_log}")
+    });
+    assert!(!status.success(), "{status}; stderr:\n{second_log}");
+    let pid = first.0.id().to_string();
+    assert!(
+        second_log.contains("another `inferq serve`")
+            && second_log.contains(&*data_dir.to_string_lossy())
+            && second_log.contains(&pid),
+        "the refusal names the directory and the serve holding it (pid {pid}):\n{second_log}"
+    );
+
+    // The first one is untouched: its Redis socket is there and it serves.
+    assert!(data_dir.join("redis.sock").exists(), "the socket is kept");
+    let api = Client::new(listen.parse().expect("addr"));
+    api.get("/v2/health/ready").await.expect(200);
+    let r = Reference::load("tutorial-rf");
+    api.post(
+        "/v2/models/tutorial-rf/infer",
+        common::http::infer_body(&r.input_rows(0..1), serde_json::json!({})),
+    )
+    .await
+    .expect(200);
+    assert!(
+        first.0.try_wait().expect("try_wait").is_none(),
+        "{}",
+        first_log()
+    );
+    sigterm(&first.0);
+    let status = wait_exit(&mut first.0, Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        first_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_data_directory_whose_redis_still_runs() {
+    let registry = TempRegistry::empty();
+    let (_data, data_dir) = data_dir();
+    let socket = data_dir.join("redis.sock");
+    // What a SIGKILLed serve leaves behind: its redis-server, still on the socket.
+    let mut orphan = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+        ])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "redis-server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stderr = tempfile::NamedTempFile::new().expect("log file");
+    let (mut serve, _, _) = spawn_serve(registry.path(), &data_dir, &stderr);
+    let status = wait_exit(&mut serve.0, Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(stderr.path()).unwrap_or_default();
+    let _ = orphan.kill();
+    let _ = orphan.wait();
+    let status = status.unwrap_or_else(|| panic!("serve still runs after 30 s:\n{log}"));
+    assert!(!status.success(), "{status}; stderr:\n{log}");
+    assert!(
+        log.contains("a redis-server still listens on") && log.contains(&*socket.to_string_lossy()),
+        "{log}"
     );
 }
