@@ -547,6 +547,9 @@ impl Settings {
             positive(v, name)?;
             at_most(v, 3_600_000, name)?;
         }
+        // AUDIT D27: near u64::MAX these panicked when a request added them to the clock.
+        at_most(self.sync_timeout_ms, 3_600_000, "INFERQ_SYNC_TIMEOUT_MS")?;
+        at_most(self.max_poll_wait_s, 3600, "INFERQ_MAX_POLL_WAIT_S")?;
         positive(self.max_connections as u64, "INFERQ_MAX_CONNECTIONS")?;
         if self.max_inflight_bytes < self.max_body_bytes {
             return Err(format!(

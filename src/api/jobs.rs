@@ -50,6 +50,12 @@ fn unconfirmed(model: &str, id: &str) -> Reply {
     )
 }
 
+/// A `?wait=` of `requested` seconds, capped at `cap`; never panics, whatever the
+/// request or the setting (AUDIT D27: `from_secs_f64` of a cap near u64::MAX did).
+fn poll_wait(requested: f64, cap: Duration) -> Duration {
+    Duration::try_from_secs_f64(requested).map_or(cap, |w| w.min(cap))
+}
+
 /// What an enqueue came to.
 #[derive(Debug)]
 enum Enqueued {
@@ -161,8 +167,7 @@ impl App {
         wait: Option<f64>,
     ) -> Result<Reply, ApiError> {
         let keys = Self::job_keys(model, id)?;
-        let wait =
-            wait.map(|s| Duration::from_secs_f64(s.min(self.cfg.max_poll_wait.as_secs_f64())));
+        let wait = wait.map(|s| poll_wait(s, self.cfg.max_poll_wait));
         let record = self
             .wait_terminal(&keys, id, wait.unwrap_or_default())
             .await?;
@@ -301,5 +306,22 @@ impl App {
                 () = tokio::time::sleep_until(until) => return Ok(q::get(&mut conn, keys, id).await?),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_waits_are_capped_and_never_panic() {
+        let cap = Duration::from_secs(60);
+        assert_eq!(poll_wait(1.5, cap), Duration::from_millis(1500));
+        assert_eq!(poll_wait(30_000.0, cap), cap);
+        assert_eq!(poll_wait(f64::INFINITY, cap), cap);
+        assert_eq!(poll_wait(1e30, cap), cap);
+        let huge = Duration::from_secs(u64::MAX);
+        assert_eq!(poll_wait(5.0, huge), Duration::from_secs(5));
+        assert_eq!(poll_wait(1e30, huge), huge);
     }
 }
