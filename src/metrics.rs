@@ -366,6 +366,8 @@ impl Metrics {
         for op in REDIS_OPS {
             m.redis_errors.with_label_values(&[op]);
         }
+        // Exported at 0 from the start, so rate() has a series before the first refusal.
+        m.http_connections_refused.with_label_values(&["per_peer"]);
         m
     }
 

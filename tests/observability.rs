@@ -941,6 +941,7 @@ async fn every_panel_and_alert_query_runs_against_a_real_prometheus() {
         ("unauthorized", UNAUTHORIZED),
         ("queue_full", 0),
         ("unavailable", 0),
+        ("timeout", 0),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v as f64))
