@@ -1,6 +1,7 @@
 //! What a submit answers when Redis does not, or cannot, take it, and what makes two
-//! submits of one id the same job: a write Redis did not confirm in time (paused with
-//! `CLIENT PAUSE … WRITE`) answers 202 with the id, never "nothing was enqueued"
+//! submits of one id the same job: a write Redis did not confirm in time (the server
+//! stalled with `DEBUG SLEEP`, or writes paused with `CLIENT PAUSE … WRITE`) answers
+//! 202 with the id, never "nothing was enqueued"
 //! (AUDIT D6), while a write Redis refused (out of memory) answers 503 and enqueues
 //! nothing; an idempotency key names one route and one version (AUDIT D9).
 
@@ -9,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::http::{Client, Gateway, GatewayOptions, Resp, infer_body, xlen};
-use common::{RedisServer, Reference, TempRegistry};
+use common::{RedisOptions, RedisServer, Reference, TempRegistry};
 use hyper::Method;
 use serde_json::{Value, json};
 
@@ -63,9 +64,53 @@ fn expect_unconfirmed(resp: &Resp) -> String {
     id
 }
 
+/// Puts the whole server to sleep for `ms` (`DEBUG SLEEP`) and returns once it
+/// sleeps (a PING no longer answers); the task ends when it wakes.
+async fn stall(redis: &RedisServer, ms: u64) -> tokio::task::JoinHandle<()> {
+    // Both connections are made while Redis still answers.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+    let mut sleeper = redis
+        .client()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect");
+    let mut probe = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let secs = format!("{}", ms as f64 / 1000.0);
+    let task = tokio::spawn(async move {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(&secs)
+            .query_async(&mut sleeper)
+            .await
+            .expect("DEBUG SLEEP");
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ping = redis::cmd("PING");
+        if tokio::time::timeout(
+            Duration::from_millis(50),
+            ping.query_async::<String>(&mut probe),
+        )
+        .await
+        .is_err()
+        {
+            return task;
+        }
+        assert!(Instant::now() < deadline, "Redis never went to sleep");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submit_redis_did_not_confirm_answers_202_with_the_id_it_runs_under() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::with(RedisOptions {
+        args: vec!["--enable-debug-command".into(), "yes".into()],
+        ..RedisOptions::default()
+    });
     let reg = TempRegistry::with_models(&[RF]);
     let r = Reference::load(RF);
     let timeout = Duration::from_millis(500);
@@ -75,37 +120,54 @@ async fn a_submit_redis_did_not_confirm_answers_202_with_the_id_it_runs_under() 
     };
     let gw = Gateway::start_with(&redis, &reg, &["--sync-timeout-ms", "200"], opts).await;
     let c = gw.client();
-    let bodies: Vec<String> = (0..3)
+    let bodies: Vec<String> = (0..4)
         .map(|i| infer_body(&r.input_rows(i..i + 1), json!({})))
         .collect();
-    // One submit first loads the script: a paused EVALSHA of an unknown script would
-    // only answer NOSCRIPT once Redis resumes, after the gateway gave up.
-    c.post(JOBS, bodies[2].clone()).await.expect(202);
+    // One submit first loads the script: a stalled EVALSHA of an unknown script would
+    // only answer NOSCRIPT once Redis wakes, after the gateway gave up.
+    c.post(JOBS, bodies[3].clone()).await.expect(202);
 
-    // Redis holds every write for 5 s: the scripts run after the gateway gave up.
-    redis_cmd(&redis, &["CLIENT", "PAUSE", "5000", "WRITE"]).await;
-    let t0 = Instant::now();
-    let async_id = expect_unconfirmed(&c.post(JOBS, bodies[0].clone()).await);
-    let sync_id = expect_unconfirmed(&c.post(INFER, bodies[1].clone()).await);
-    let took = t0.elapsed();
-    assert!(
-        took >= timeout * 2 && took < Duration::from_secs(4),
-        "two unconfirmed submits took {took:?}"
-    );
-    redis_cmd(&redis, &["CLIENT", "UNPAUSE"]).await;
-
-    // Both were enqueued after all, under the ids the client was given.
-    wait_xlen(&redis, 3).await;
-    for id in [&async_id, &sync_id] {
+    // Redis stalls for 2 s with the submit in its socket: it runs the script once it
+    // wakes, after the gateway gave up waiting for the answer. Both routes.
+    for (n, (path, body)) in [(JOBS, &bodies[0]), (INFER, &bodies[1])]
+        .into_iter()
+        .enumerate()
+    {
+        let asleep = stall(&redis, 2000).await;
+        let t0 = Instant::now();
+        let id = expect_unconfirmed(&c.post(path, body.clone()).await);
+        let took = t0.elapsed();
+        assert!(
+            took >= timeout && took < Duration::from_secs(2),
+            "{path}: answered after {took:?}"
+        );
+        asleep.await.expect("DEBUG SLEEP task");
+        wait_xlen(&redis, 2 + n as u64).await;
         let rec = c.get(&format!("{JOBS}/{id}")).await.expect(200).json();
-        assert_eq!(rec["status"], "queued", "{rec}");
+        assert_eq!(rec["status"], "queued", "{path}: the job is there: {rec}");
+        // Resubmitting with the id is the same job, not a second one.
+        let again = with_key(&c, path, &id, body).await;
+        assert_eq!(again.json()["id"], id.as_str(), "{path}");
+        assert_eq!(
+            xlen(&redis, RF).await,
+            2 + n as u64,
+            "{path}: no second job"
+        );
     }
-    // Resubmitting with the id is the same job, not a second one.
-    let again = with_key(&c, JOBS, &async_id, &bodies[0]).await;
-    assert_eq!(again.expect(200).json()["id"], async_id.as_str());
-    let again = with_key(&c, INFER, &sync_id, &bodies[1]).await;
-    assert_eq!(again.expect(202).json()["id"], sync_id.as_str());
-    assert_eq!(xlen(&redis, RF).await, 3, "resubmits enqueue nothing");
+
+    // Writes paused: whether the script ran or not, the id the client was given,
+    // resubmitted, ends as exactly one job.
+    redis_cmd(&redis, &["CLIENT", "PAUSE", "3000", "WRITE"]).await;
+    let id = expect_unconfirmed(&c.post(JOBS, bodies[2].clone()).await);
+    redis_cmd(&redis, &["CLIENT", "UNPAUSE"]).await;
+    let again = with_key(&c, JOBS, &id, &bodies[2]).await;
+    assert!(
+        [200, 202].contains(&again.status.as_u16()),
+        "{}",
+        again.text()
+    );
+    assert_eq!(again.json()["id"], id.as_str());
+    assert_eq!(xlen(&redis, RF).await, 4, "one job per id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
