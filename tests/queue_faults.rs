@@ -396,7 +396,7 @@ async fn sigterm_mid_batch_drains_and_exits_cleanly() {
 async fn sigterm_past_the_drain_deadline_leaves_the_rest_pending() {
     let mut s = setup().await;
     let env = [
-        ("INFERQ_DRAIN_TIMEOUT_MS", "150"),
+        ("INFERQ_DRAIN_TIMEOUT_MS", "20"),
         ("INFERQ_CLAIM_AFTER_MS", CLAIM_MS),
     ];
     let mut a = s.worker("a", &env).await;
@@ -408,7 +408,7 @@ async fn sigterm_past_the_drain_deadline_leaves_the_rest_pending() {
     let left = s.unfinished(&ids).await;
     assert!(
         !left.is_empty(),
-        "a finished 4 heavy jobs within a 150 ms drain"
+        "a finished 4 heavy jobs within a 20 ms drain"
     );
     let held = pending(&mut s.conn, &s.model).await;
     assert_eq!(

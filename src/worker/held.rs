@@ -22,10 +22,15 @@ pub(super) async fn keep_held(
     release: CancellationToken,
 ) {
     let every = (cfg.queue.claim_after / 3).max(Duration::from_millis(20));
+    // Once stopping, look more often whether everything held is done, so the drain
+    // ends as soon as the last result is written rather than a refresh period later.
+    let draining = every.min(Duration::from_millis(50));
     loop {
+        let wait = if stop.is_cancelled() { draining } else { every };
         tokio::select! {
             () = release.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled(), if !stop.is_cancelled() => {}
+            () = tokio::time::sleep(wait) => {}
         }
         let ids = held.snapshot();
         if ids.is_empty() && stop.is_cancelled() {
