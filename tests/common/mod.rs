@@ -50,22 +50,20 @@ pub fn repo_root() -> PathBuf {
 
 /// `testdata/models/<name>.onnx`.
 pub fn model_path(name: &str) -> PathBuf {
-    let p = repo_root()
-        .join("testdata/models")
-        .join(format!("{name}.onnx"));
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
+    testdata_model("models", name)
 }
 
 /// `testdata/shapes/<name>.onnx`: the variable-shape test models
 /// (scripts/make_shape_models.py).
 pub fn shape_model_path(name: &str) -> PathBuf {
+    testdata_model("shapes", name)
+}
+
+/// `testdata/<dir>/<name>.onnx`, which setup generates.
+fn testdata_model(dir: &str, name: &str) -> PathBuf {
     let p = repo_root()
-        .join("testdata/shapes")
+        .join("testdata")
+        .join(dir)
         .join(format!("{name}.onnx"));
     assert!(
         p.is_file(),
